@@ -1,0 +1,5 @@
+import sys
+
+from gqa_uptrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""`gqa-uptrain` command line. One module per subcommand (`<name>_cmd.py`), each with HELP, add_arguments(parser)
+and run(args) -> exit code. Heavy imports happen inside run() so `--help` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from gqa_uptrain.gin_utils import split_gin_overrides
+
+# Order is the order shown in --help: the flow a user walks.
+COMMANDS = ("demo", "inspect", "convert", "export", "train", "infer", "eval", "bench", "sweep")
+
+EPILOG = """gin: every command that builds a model takes --gin_file=FILE (repeatable; searched in ./ and the repo's
+configs/) and T5X-style overrides --gin.NAME=VALUE, e.g.
+  gqa-uptrain inspect --gin_file=models/t5_1_1/xxl.gin --gin.NUM_KV_HEADS=8
+Strings may be given unquoted (--gin.MODEL_DIR=/tmp/run)."""
+
+
+def _module(name: str):
+    return importlib.import_module(f"gqa_uptrain.cli.{name}_cmd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gqa-uptrain", description="Convert MHA T5.1.1 checkpoints to grouped-query attention, uptrain, "
+        "evaluate and benchmark them.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        mod = _module(name)
+        p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                           epilog=getattr(mod, "EPILOG", None), formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv, bindings = split_gin_overrides(argv)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv)
+    args.gin_bindings = bindings
+    debug = os.environ.get("GQA_UPTRAIN_DEBUG") == "1"
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError) as e:
+        if debug:
+            raise
+        # One clear line; GQA_UPTRAIN_DEBUG=1 shows the traceback.
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        # gin appends "In call to configurable ..." context lines; the first line names the problem.
+        print(f"gqa-uptrain {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""gin at the edge: parsing --gin_file / --gin.NAME=value the T5X way and building typed configs from bindings.
+
+Library code never reads gin; the CLI calls `parse_gin` once and then `model_config_from_gin()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import pathlib
+import re
+from typing import Sequence
+
+import gin
+
+from gqa_uptrain.config import ModelConfig
+
+REPO_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+# Registered once: gin files refer to `ModelConfig.*`.
+GinModelConfig = gin.external_configurable(ModelConfig, name="ModelConfig")
+
+_GIN_FLAG = re.compile(r"^--gin\.([A-Za-z_][\w.]*(?:/[\w.]+)*)=(.*)$", re.S)
+
+
+def split_gin_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Pull `--gin.NAME=value` flags out of argv -> (remaining argv, ['NAME = value', ...])."""
+    rest, bindings = [], []
+    for arg in argv:
+        m = _GIN_FLAG.match(arg)
+        if m:
+            bindings.append(f"{m.group(1)} = {m.group(2)}")
+        elif arg.startswith("--gin.") and "=" not in arg:
+            raise SystemExit(f"error: {arg!r} needs a value: --gin.NAME=VALUE")
+        else:
+            rest.append(arg)
+    return rest, bindings
+
+
+def _parse_binding(binding: str) -> None:
+    try:
+        gin.parse_config(binding)
+    except Exception:  # noqa: BLE001 - retry as a plain string, e.g. --gin.MODEL_DIR=/tmp/run
+        name, _, value = binding.partition(" = ")
+        try:
+            gin.parse_config(f"{name} = {value!r}")
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"bad gin binding {binding!r}: {e}") from None
+
+
+class _DropPathNotFound(logging.Filter):
+    # gin's resource reader logs an ERROR for every search path that misses, even when a later one hits.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _quiet_search():
+    f = _DropPathNotFound()
+    logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
+    """Clear gin, then load files (searched in `search_paths`, the repo's configs/ and cwd) and bindings."""
+    gin.clear_config()
+    for p in [*search_paths, str(REPO_CONFIG_DIR), "."]:
+        gin.add_config_file_search_path(p)
+    with _quiet_search():
+        _parse_files_and_bindings(gin_files, bindings, search_paths)
+
+
+def _parse_files_and_bindings(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
+    for f in gin_files:
+        path = pathlib.Path(f)
+        if not path.exists() and not any((pathlib.Path(s) / f).exists()
+                                         for s in [*search_paths, REPO_CONFIG_DIR]):
+            raise FileNotFoundError(f"gin file {f!r} not found (looked in cwd, {REPO_CONFIG_DIR}"
+                                    f"{', ' + ', '.join(search_paths) if search_paths else ''})")
+        try:
+            gin.parse_config_file(f)
+        except Exception as e:  # noqa: BLE001 - gin's messages are good; add the file name
+            raise ValueError(f"error in gin file {f}: {e}") from None
+    for b in bindings:
+        _parse_binding(b)
+
+
+def model_config_from_gin() -> ModelConfig:
+    """Build the plain (non-gin) ModelConfig from the current bindings."""
+    bound = GinModelConfig()
+    return ModelConfig(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+def model_config_to_gin(config: ModelConfig) -> str:
+    """A self-contained gin file reproducing `config` (written next to checkpoints)."""
+    lines = ["# Resolved model configuration (written by gqa_uptrain)."]
+    for f in dataclasses.fields(ModelConfig):
+        lines.append(f"ModelConfig.{f.name} = {getattr(config, f.name)!r}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,21 @@
+import os
+
+# Tests run on CPU in float32; keep XLA from grabbing every core's worth of threads on the 2-core CI machine.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from gqa_uptrain.config import ModelConfig  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    """Small enough to compile in seconds, big enough to have several KV-group choices (H=4)."""
+    return ModelConfig(vocab_size=96, d_model=32, num_heads=4, head_dim=8, d_ff=48, num_encoder_layers=2,
+                       num_decoder_layers=2, dtype="float32")
+
+
+@pytest.fixture
+def rng() -> jax.Array:
+    return jax.random.PRNGKey(0)
