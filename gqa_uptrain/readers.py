@@ -1,0 +1,472 @@
+"""Checkpoint readers for the converter: Hugging Face T5.1.1, T5X native and our own directories.
+
+All readers stream: a checkpoint is opened as a lazy name -> tensor mapping and each tensor is read from disk only
+when it is looked up, converted to our layout and kept once (the converted tree is the only full copy in memory).
+The exception is T5X inline msgpack arrays, which msgpack can only decode as a whole file (T5X writes large
+checkpoints with tensorstore, which is read lazily).
+
+Formats (`detect_format`):
+  hf     DIR/config.json (HF T5) + DIR/model.safetensors | DIR/model.safetensors.index.json (sharded)
+         | DIR/pytorch_model.bin (pickle; only with torch installed, loaded with weights_only=True)
+  t5x    .../checkpoint_N/checkpoint (flax msgpack; `target`/`state` or old `optimizer/target`/`optimizer/state`
+         layout; arrays inline or as tensorstore directories beside the file), or a T5X model dir holding
+         checkpoint_N/ subdirectories (the latest step is read)
+  orbax  our converted dir or training MODEL_DIR (`gqa_uptrain.checkpoint.load_params`)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+import struct
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from gqa_uptrain import hf as hf_names
+from gqa_uptrain.config import ModelConfig
+
+FORMATS = ("auto", "hf", "t5x", "orbax")
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+
+# safetensors dtype codes -> numpy (bf16 through ml_dtypes, which jax installs).
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
+              "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _np_dtype(code: str, path: pathlib.Path, name: str) -> np.dtype:
+    if code == "BF16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    if code not in _ST_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has unsupported safetensors dtype {code}")
+    return np.dtype(_ST_DTYPES[code])
+
+
+@dataclasses.dataclass
+class Source:
+    """A source checkpoint read into our layout. `params` is nested (T5X names), numpy arrays."""
+
+    config: ModelConfig
+    params: dict[str, Any]
+    format: str
+    path: str
+    step: int | None = None
+    files: list[str] = dataclasses.field(default_factory=list)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+
+
+class SafetensorsFile(Mapping):
+    """Lazy read-only mapping over one .safetensors file; each lookup reads exactly one tensor from disk."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"{self.path}: corrupt safetensors header (header length {n} but file has "
+                                 f"{size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self._data_start = 8 + n
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype = _np_dtype(e["dtype"], self.path, name)
+                shape = tuple(int(s) for s in e["shape"])
+                begin, end = (int(o) for o in e["data_offsets"])
+            except (KeyError, TypeError, ValueError) as err:
+                if isinstance(err, ValueError) and "unsupported" in str(err):
+                    raise
+                raise ValueError(f"{self.path}: corrupt safetensors header entry for {name!r}") from None
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if end - begin != nbytes or self._data_start + end > size:
+                raise ValueError(f"{self.path}: tensor {name!r} {shape} {e['dtype']} needs bytes [{begin}, {end}) "
+                                 f"of the data section, but the file is truncated or the header is corrupt "
+                                 f"({size} bytes)")
+            self._entries[name] = (dtype, shape, begin, end)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        dtype, shape, begin, _ = self._entries[name]
+        count = int(np.prod(shape, dtype=np.int64))
+        arr = np.fromfile(self.path, dtype=dtype, count=count, offset=self._data_start + begin)
+        return arr.reshape(shape)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ShardedSafetensors(Mapping):
+    """Lazy mapping over `model.safetensors.index.json` and its shards."""
+
+    def __init__(self, index_path: str | os.PathLike):
+        self.index_path = pathlib.Path(index_path)
+        try:
+            index = json.loads(self.index_path.read_text())
+            weight_map = index["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.index_path}: not a valid safetensors index ({e})") from None
+        self._where = dict(weight_map)
+        self._shards: dict[str, SafetensorsFile] = {}
+        for shard in sorted(set(self._where.values())):
+            path = self.index_path.parent / shard
+            if not path.exists():
+                raise FileNotFoundError(f"{self.index_path}: shard {shard} not found")
+            self._shards[shard] = SafetensorsFile(path)
+            for name in (n for n, s in self._where.items() if s == shard):
+                if name not in self._shards[shard]:
+                    raise ValueError(f"{self.index_path}: tensor {name!r} is not in shard {shard}")
+
+    @property
+    def files(self) -> list[pathlib.Path]:
+        return [self.index_path] + [s.path for s in self._shards.values()]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._shards[self._where[name]][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def open_torch_bin(path: pathlib.Path) -> Mapping[str, Any]:
+    """pytorch_model.bin (pickle) through torch.load(weights_only=True, mmap=True); refused without torch."""
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"{path} is a pickle checkpoint; refusing to read it without torch (install the 'hf' "
+                         "extra, or convert it to safetensors)") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt files
+        raise ValueError(f"{path}: cannot load with torch.load(weights_only=True): {e}") from None
+
+
+def open_hf(path: str | os.PathLike) -> tuple[Mapping[str, Any], dict[str, Any], list[pathlib.Path]]:
+    """An HF model dir (or a .safetensors file with config.json beside it) -> (lazy tensors, config, files)."""
+    path = pathlib.Path(path)
+    directory = path.parent if path.is_file() else path
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: an HF checkpoint needs its config.json")
+    try:
+        hf_config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    if path.is_file():
+        if path.suffix == ".bin":
+            return open_torch_bin(path), hf_config, [cfg_path, path]
+        if path.name.endswith(".index.json"):
+            sharded = ShardedSafetensors(path)
+            return sharded, hf_config, [cfg_path, *sharded.files]
+        return SafetensorsFile(path), hf_config, [cfg_path, path]
+    if (directory / SAFETENSORS).exists():
+        return SafetensorsFile(directory / SAFETENSORS), hf_config, [cfg_path, directory / SAFETENSORS]
+    if (directory / SAFETENSORS_INDEX).exists():
+        sharded = ShardedSafetensors(directory / SAFETENSORS_INDEX)
+        return sharded, hf_config, [cfg_path, *sharded.files]
+    if (directory / TORCH_BIN).exists():
+        return open_torch_bin(directory / TORCH_BIN), hf_config, [cfg_path, directory / TORCH_BIN]
+    raise FileNotFoundError(f"{directory}: no {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN}")
+
+
+# ---------------------------------------------------------------------------------------------- T5X
+
+
+_CKPT_DIR = re.compile(r"^checkpoint_(\d+)$")
+
+
+def find_t5x_checkpoint(path: str | os.PathLike) -> pathlib.Path:
+    """checkpoint file, checkpoint_N dir, or a model dir with checkpoint_N/ subdirs (latest) -> the msgpack file."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return path
+    if (path / "checkpoint").is_file():
+        return path / "checkpoint"
+    steps = sorted((int(m.group(1)), p) for p in path.glob("checkpoint_*")
+                   if (m := _CKPT_DIR.match(p.name)) and (p / "checkpoint").is_file())
+    if not steps:
+        raise FileNotFoundError(f"{path}: no T5X 'checkpoint' file and no checkpoint_N/checkpoint below it")
+    return steps[-1][1] / "checkpoint"
+
+
+def _is_ts_spec(x: Any) -> bool:
+    return isinstance(x, dict) and ("driver" in x or "kvstore" in x)
+
+
+class T5XTensors(Mapping):
+    """Lazy flat mapping 'encoder/layers_0/...' -> array over a T5X msgpack state (`target` subtree).
+
+    Inline arrays were decoded by msgpack; tensorstore-backed ones are read on lookup from the directory beside
+    the checkpoint file. Reads pop their entry so each array is dropped once it has been converted.
+    """
+
+    def __init__(self, target: dict[str, Any], ckpt_dir: pathlib.Path, prefix: str):
+        flat = {}
+        # Stop flattening at tensorstore specs (they are dicts too).
+        def walk(node, path):
+            if isinstance(node, dict) and not _is_ts_spec(node):
+                for k, v in node.items():
+                    walk(v, path + (k,))
+            else:
+                flat["/".join(path)] = node
+        walk(target, ())
+        self._flat = flat
+        self._dir = ckpt_dir
+        self._prefix = prefix
+        self.ts_files: list[pathlib.Path] = []
+        for name, v in flat.items():
+            if _is_ts_spec(v):
+                self.ts_files.append(self._ts_path(name, v))
+
+    def _ts_path(self, name: str, spec: dict[str, Any]) -> pathlib.Path:
+        kv = spec.get("kvstore", {})
+        rel = kv.get("path") if isinstance(kv, dict) else None
+        rel = rel or spec.get("path") or f"{self._prefix}.{name.replace('/', '.')}"
+        if "://" in str(rel):
+            raise ValueError(f"T5X parameter {name!r} points at {rel}; only local tensorstore files are supported "
+                             "(copy the checkpoint locally first)")
+        p = pathlib.Path(rel)
+        return p if p.is_absolute() else self._dir / p
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        v = self._flat[name]
+        if _is_ts_spec(v):
+            return tuple(v.get("metadata", {}).get("shape", ())) or tuple(self._open_ts(name, v).shape)
+        return tuple(np.shape(v))
+
+    def _open_ts(self, name: str, spec: dict[str, Any]):
+        import tensorstore as ts
+        path = self._ts_path(name, spec)
+        if not path.exists():
+            raise FileNotFoundError(f"T5X parameter {name!r}: tensorstore data {path} not found")
+        spec = dict(spec)
+        spec.pop("path", None)
+        spec["kvstore"] = {"driver": "file", "path": str(path)}
+        try:
+            return ts.open(spec, open=True, read=True).result()
+        except Exception as e:  # tensorstore raises ValueError subclasses with long messages
+            raise ValueError(f"T5X parameter {name!r}: cannot open tensorstore {path}: "
+                             f"{str(e).splitlines()[0]}") from None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        v = self._flat[name]
+        if _is_ts_spec(v):
+            return np.asarray(self._open_ts(name, v).read().result())
+        return np.asarray(v)
+
+    def release(self, name: str) -> None:
+        self._flat[name] = None  # inline arrays: drop our reference after conversion
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._flat)
+
+    def __len__(self) -> int:
+        return len(self._flat)
+
+
+def read_t5x_state(path: str | os.PathLike) -> tuple[T5XTensors, int | None, pathlib.Path]:
+    """Open a T5X checkpoint: (lazy target tensors, step or None, msgpack file)."""
+    from flax import serialization
+    ckpt = find_t5x_checkpoint(path)
+    raw = ckpt.read_bytes()
+    try:
+        state = serialization.msgpack_restore(raw)
+    except Exception as e:  # msgpack raises several exception types on corrupt data
+        raise ValueError(f"{ckpt}: not a valid T5X msgpack checkpoint ({type(e).__name__}: {e})") from None
+    del raw
+    if not isinstance(state, dict):
+        raise ValueError(f"{ckpt}: not a T5X checkpoint (top level is {type(state).__name__})")
+    if "optimizer" in state and isinstance(state["optimizer"], dict) and "target" in state["optimizer"]:
+        root, prefix = state["optimizer"], "optimizer.target"  # T5X before 2022 (flax.optim layout)
+    elif "target" in state:
+        root, prefix = state, "target"
+    else:
+        raise ValueError(f"{ckpt}: no 'target' or 'optimizer/target' in the checkpoint (keys {sorted(state)})")
+    step = root.get("state", {}).get("step") if isinstance(root.get("state"), dict) else None
+    if _is_ts_spec(step):
+        step = None
+    step = int(np.asarray(step)) if step is not None else None
+    tensors = T5XTensors(root["target"], ckpt.parent, prefix)
+    return tensors, step, ckpt
+
+
+_T5X_3D = re.compile(r"/(attention|self_attention|encoder_decoder_attention)/(query|key|value|out)/kernel$")
+
+
+def _t5x_to_2d(name: str, arr: np.ndarray) -> np.ndarray:
+    """T5X models with DenseGeneral keep [embed, heads, kv] / [heads, kv, embed]; our layout joins heads*kv."""
+    if arr.ndim == 3 and _T5X_3D.search(name):
+        return arr.reshape(arr.shape[0], -1) if not name.endswith("/out/kernel") else arr.reshape(-1, arr.shape[-1])
+    return arr
+
+
+def infer_t5x_config(shapes: Mapping[str, tuple[int, ...]], **overrides: Any) -> ModelConfig:
+    """Architecture from parameter shapes (T5X stores no config); raise ValueError on inconsistencies."""
+    def need(name: str) -> tuple[int, ...]:
+        if name not in shapes:
+            raise ValueError(f"T5X checkpoint: missing parameter {name!r}; cannot infer the architecture")
+        return shapes[name]
+
+    if any(k.endswith("/mlp/wi/kernel") for k in shapes):
+        raise ValueError("T5X checkpoint has mlp/wi/kernel (T5.1.0 ReLU MLP); only T5.1.1 gated-gelu "
+                         "(mlp/wi_0, mlp/wi_1) is supported")
+    vocab, d_model = need("token_embedder/embedding")
+    heads, buckets = need("encoder/relpos_bias/rel_embedding")
+    q_width = need("encoder/layers_0/attention/query/kernel")[1]
+    if q_width % heads:
+        raise ValueError(f"T5X checkpoint: encoder query width {q_width} is not a multiple of the {heads} heads "
+                         "implied by encoder/relpos_bias/rel_embedding")
+    head_dim = q_width // heads
+
+    def kv(name: str) -> int | None:
+        w = need(name)[1]
+        if w % head_dim:
+            raise ValueError(f"T5X checkpoint: {name} width {w} is not a multiple of head_dim {head_dim}")
+        g = w // head_dim
+        return None if g == heads else g
+
+    n_enc = len({m.group(1) for k in shapes if (m := re.match(r"encoder/layers_(\d+)/", k))})
+    n_dec = len({m.group(1) for k in shapes if (m := re.match(r"decoder/layers_(\d+)/", k))})
+    fields = dict(
+        vocab_size=vocab, d_model=d_model, num_heads=heads, head_dim=head_dim,
+        d_ff=need("encoder/layers_0/mlp/wi_0/kernel")[1], num_encoder_layers=n_enc, num_decoder_layers=n_dec,
+        encoder_kv_heads=kv("encoder/layers_0/attention/key/kernel"),
+        decoder_self_kv_heads=kv("decoder/layers_0/self_attention/key/kernel"),
+        decoder_cross_kv_heads=kv("decoder/layers_0/encoder_decoder_attention/key/kernel"),
+        relative_attention_num_buckets=buckets, dtype="float32", param_dtype="float32",
+        logits_via_embedding="decoder/logits_dense/kernel" not in shapes)
+    fields.update(overrides)
+    try:
+        return ModelConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"T5X checkpoint: inconsistent shapes: {e}") from None
+
+
+def read_t5x(path: str | os.PathLike, config: ModelConfig | None = None,
+             progress: Callable[[Iterator], Iterator] | None = None) -> Source:
+    """Read a T5X checkpoint into our layout. `config` (e.g. from --gin_file) replaces shape inference."""
+    from flax import traverse_util
+
+    from gqa_uptrain.checkpoint import check_params_match_config
+    tensors, step, ckpt = read_t5x_state(path)
+    shapes = {}
+    for name in tensors:
+        s = tensors.shape(name)
+        if _T5X_3D.search(name) and len(s) == 3:
+            s = (s[0], s[1] * s[2]) if not name.endswith("/out/kernel") else (s[0] * s[1], s[2])
+        shapes[name] = s
+    config = config or infer_t5x_config(shapes)
+    check_params_match_config(_ShapeTree.build(shapes), config, source=str(ckpt))
+    flat = {}
+    names = list(tensors)
+    for name in (progress(names) if progress else names):
+        flat[name] = np.asarray(_t5x_to_2d(name, tensors[name]), np.float32)
+        tensors.release(name)
+    files = [ckpt, *(f for d in tensors.ts_files for f in sorted(d.rglob("*")) if f.is_file())]
+    return Source(config, traverse_util.unflatten_dict(flat, sep="/"), "t5x", str(ckpt), step,
+                  [str(f) for f in files])
+
+
+class _ShapeTree:
+    """Nested dict of shape-only stand-ins so shape checks run before any tensor is read."""
+
+    @staticmethod
+    def build(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        from flax import traverse_util
+        return traverse_util.unflatten_dict({k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()},
+                                            sep="/")
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """'hf' | 't5x' | 'orbax' from the files present; ValueError naming the path otherwise."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"source {path} does not exist")
+    if path.is_file():
+        if path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json"):
+            return "hf"
+        if path.name == "checkpoint":
+            return "t5x"
+        raise ValueError(f"cannot tell the format of {path}; pass --source-format")
+    cfg = path / "config.json"
+    if cfg.exists():
+        try:
+            d = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg} is not valid JSON: {e}") from None
+        if "num_encoder_layers" in d:
+            return "orbax"
+        if "d_kv" in d or d.get("model_type") in ("t5", "mt5", "umt5"):
+            return "hf"
+    if (path / "checkpoint").is_file() or any(_CKPT_DIR.match(p.name) for p in path.glob("checkpoint_*")):
+        return "t5x"
+    raise ValueError(f"cannot tell the format of {path}: expected an HF dir (config.json + model.safetensors), "
+                     "a T5X checkpoint_N dir or a gqa_uptrain checkpoint; pass --source-format")
+
+
+def read_source(path: str | os.PathLike, fmt: str = "auto", config: ModelConfig | None = None,
+                progress: Callable[[Iterator], Iterator] | None = None) -> Source:
+    """Read any supported source into our layout (numpy float32). `config` overrides T5X shape inference."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown source format {fmt!r}; choose one of {FORMATS}")
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"source {path} does not exist")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt == "hf":
+        tensors, hf_config, files = open_hf(path)
+        cfg, params = hf_names.params_from_hf(tensors, hf_config, progress=progress, source=str(path))
+        if config is not None and config != cfg:
+            raise ValueError(f"{path}: --gin_file config differs from the HF config.json; HF sources take their "
+                             "architecture from config.json")
+        return Source(cfg, params, "hf", str(path), None, [str(f) for f in files],
+                      {"hf_scale_decoder_outputs": hf_names.scale_decoder_outputs(hf_config)})
+    if fmt == "t5x":
+        return read_t5x(path, config, progress)
+    from gqa_uptrain.checkpoint import load_params, tree_to_numpy
+    loaded = load_params(path)
+    files = sorted(str(p) for p in pathlib.Path(path).rglob("*") if p.is_file())
+    return Source(loaded.config, tree_to_numpy(loaded.params), "orbax", str(path), loaded.step, files,
+                  {"source_metadata": loaded.metadata})
+
+
+def sha256_files(files: list[str], root: str | None = None) -> dict[str, str]:
+    """sha256 of each file, read in 16 MiB chunks (constant memory)."""
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+        out[os.path.relpath(f, root) if root else f] = h.hexdigest()
+    return out
