@@ -20,6 +20,24 @@ REPO_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 # Registered once: gin files refer to `ModelConfig.*`.
 GinModelConfig = gin.external_configurable(ModelConfig, name="ModelConfig")
 
+_REGISTERED: dict[str, object] = {}
+
+
+def configurable_dataclass(cls: type, name: str | None = None):
+    """Register a (gin-free) dataclass with gin once and return the gin-wrapped constructor."""
+    name = name or cls.__name__
+    if name not in _REGISTERED:
+        _REGISTERED[name] = gin.external_configurable(cls, name=name)
+    return _REGISTERED[name]
+
+
+def build_dataclass(cls: type, name: str | None = None):
+    """Instantiate `cls` from the current gin bindings as a plain instance (lists become tuples)."""
+    bound = configurable_dataclass(cls, name)()
+    values = {f.name: getattr(bound, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 _GIN_FLAG = re.compile(r"^--gin\.([A-Za-z_][\w.]*(?:/[\w.]+)*)=(.*)$", re.S)
 
 

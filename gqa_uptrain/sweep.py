@@ -1,0 +1,374 @@
+"""Sweeps over KV-head count, conversion method, uptraining fraction α and seed.
+
+Each run lives in its own directory under the sweep root and walks the user's flow with the CLI's own commands
+(convert -> train -> eval), so a sweep is exactly what a person would run by hand, and a crash of one run cannot
+take the others down. Every stage leaves a marker; re-running the sweep skips completed stages, and an
+interrupted training stage resumes from its latest checkpoint (the trainer does that by itself).
+
+Layout:
+  ROOT/sweep.json                     the resolved sweep (refuses to mix with a different sweep in the same ROOT)
+  ROOT/runs/<run_id>/converted/       gqa-uptrain convert output
+  ROOT/runs/<run_id>/train/           gqa-uptrain train MODEL_DIR (α > 0)
+  ROOT/runs/<run_id>/eval.json        gqa-uptrain eval output
+  ROOT/runs/<run_id>/<stage>.log      each stage's output
+  ROOT/bench/kv<G>.json               time per sample for each G (model shape only; shared by runs)
+  ROOT/results.csv, results.md, *.png the aggregation
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """A grid. `source_checkpoint` is the original MHA model every run starts from."""
+
+    source_checkpoint: str
+    num_kv_heads: tuple[int, ...] = (1, 2, 8)
+    methods: tuple[str, ...] = ("mean",)
+    alphas: tuple[float, ...] = (0.0, 0.05)
+    seeds: tuple[int, ...] = (0,)
+    # Pre-training steps of the source; None reads it from the source checkpoint's manifest.
+    original_steps: int | None = None
+    model_gin_file: str = "models/t5_1_1/tiny.gin"
+    train_gin_file: str = "runs/uptrain.gin"
+    train_bindings: tuple[str, ...] = ()
+    eval_task: str = "gqa_span_corruption"
+    eval_args: tuple[str, ...] = ()
+    downstream_task: str | None = None  # e.g. gqa_wordnet_gloss, evaluated with decoding
+    downstream_args: tuple[str, ...] = ()
+    bench_args: tuple[str, ...] = ("--batch", "8", "--input-len", "256", "--output-len", "32")
+    num_heads: int | None = None  # for labelling MHA/MQA; read from the source config when None
+
+    def __post_init__(self) -> None:
+        if not self.num_kv_heads or any(g <= 0 for g in self.num_kv_heads):
+            raise ValueError(f"num_kv_heads must be positive integers, got {self.num_kv_heads}")
+        if any(a < 0 for a in self.alphas):
+            raise ValueError(f"alphas must be >= 0, got {self.alphas}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    kv_heads: int
+    method: str
+    alpha: float
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"kv{self.kv_heads}-{self.method}-a{self.alpha:g}-s{self.seed}"
+
+
+def expand_grid(cfg: SweepConfig, num_heads: int) -> list[Run]:
+    """All runs. For G = H (MHA) every method is the identity, so it is run once as 'mean' (the MHA control);
+    α = 0 runs are deterministic except for 'random', so they use the first seed only."""
+    runs = []
+    for g in cfg.num_kv_heads:
+        if num_heads % g:
+            raise ValueError(f"num_kv_heads {g} does not divide the source's num_heads={num_heads}")
+        methods = ("mean",) if g == num_heads else cfg.methods
+        for method in methods:
+            for alpha in cfg.alphas:
+                seeds = cfg.seeds if (alpha > 0 or method == "random") else cfg.seeds[:1]
+                runs.extend(Run(g, method, alpha, s) for s in seeds)
+    return runs
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "gqa_uptrain"]
+
+
+class Stage:
+    """One CLI invocation with a completion marker and a log file."""
+
+    def __init__(self, name: str, argv: list[str], done: pathlib.Path, log: pathlib.Path):
+        self.name, self.argv, self.done, self.log = name, argv, done, log
+
+    def run(self, env: dict[str, str]) -> None:
+        if self.done.exists():
+            return
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as f:
+            f.write(f"$ {' '.join(self.argv)}\n")
+            f.flush()
+            rc = subprocess.call(self.argv, stdout=f, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        if rc != 0:
+            tail = self.log.read_text().strip().splitlines()[-1:] or [""]
+            raise RuntimeError(f"stage {self.name} failed (exit {rc}); see {self.log}: {tail[0]}")
+        if not self.done.exists():  # stages whose output is a file mark themselves; others get a marker
+            self.done.write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+
+
+def run_stages(cfg: SweepConfig, root: pathlib.Path, run: Run, original_steps: int | None) -> list[Stage]:
+    d = root / "runs" / run.run_id
+    converted = d / "converted"
+    stages = [Stage("convert", _cli() + [
+        "convert", "--source", cfg.source_checkpoint, "--num-kv-heads", str(run.kv_heads),
+        "--method", run.method, "--seed", str(run.seed), "--output", str(converted), "--overwrite"],
+        converted / "config.json", d / "convert.log")]
+    final = converted
+    if run.alpha > 0:
+        model_dir = d / "train"
+        bindings = [f"--gin.INITIAL_CHECKPOINT={converted}", f"--gin.MODEL_DIR={model_dir}",
+                    f"--gin.UPTRAIN_FRACTION={run.alpha}", f"--gin.SEED={run.seed}"]
+        if original_steps is not None:
+            bindings.append(f"--gin.ORIGINAL_STEPS={original_steps}")
+        stages.append(Stage("train", _cli() + [
+            "train", f"--gin_file={cfg.model_gin_file}", f"--gin_file={cfg.train_gin_file}", *bindings,
+            *cfg.train_bindings], d / "train.done", d / "train.log"))
+        final = model_dir
+    stages.append(Stage("eval", _cli() + [
+        "eval", "--checkpoint", str(final), "--task", cfg.eval_task, "--output", str(d / "eval.json"),
+        *cfg.eval_args], d / "eval.json", d / "eval.log"))
+    if cfg.downstream_task:
+        stages.append(Stage("downstream", _cli() + [
+            "eval", "--checkpoint", str(final), "--task", cfg.downstream_task,
+            "--output", str(d / "downstream.json"), *cfg.downstream_args],
+            d / "downstream.json", d / "downstream.log"))
+    return stages
+
+
+def bench_stage(cfg: SweepConfig, root: pathlib.Path, kv_heads: int) -> Stage:
+    out = root / "bench" / f"kv{kv_heads}.json"
+    return Stage("bench", _cli() + ["bench", "decode", f"--gin_file={cfg.model_gin_file}", "--kv-heads",
+                                    str(kv_heads), "--json", str(out), *cfg.bench_args],
+                 out, root / "bench" / f"kv{kv_heads}.log")
+
+
+def _source_info(path: str) -> tuple[int, int | None]:
+    from gqa_uptrain.checkpoint import MANIFEST_FILE, read_config
+    cfg = read_config(path)
+    manifest = pathlib.Path(path) / MANIFEST_FILE
+    meta = json.loads(manifest.read_text()) if manifest.exists() else {}
+    step = meta.get("step") or meta.get("original_steps")
+    return cfg.num_heads, (int(step) if step is not None else None)
+
+
+def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_run: bool = False,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    root = pathlib.Path(root).absolute()
+    num_heads, meta_steps = _source_info(cfg.source_checkpoint)
+    if cfg.num_heads is not None and cfg.num_heads != num_heads:
+        raise ValueError(f"sweep says num_heads={cfg.num_heads} but {cfg.source_checkpoint} has {num_heads}")
+    original_steps = cfg.original_steps if cfg.original_steps is not None else meta_steps
+    if original_steps is None and any(a > 0 for a in cfg.alphas):
+        raise ValueError(f"cannot size uptraining: set original_steps; {cfg.source_checkpoint} records no step")
+    runs = expand_grid(cfg, num_heads)
+    root.mkdir(parents=True, exist_ok=True)
+    spec = {"config": dataclasses.asdict(cfg), "num_heads": num_heads, "original_steps": original_steps}
+    spec_path = root / "sweep.json"
+    if spec_path.exists():
+        old = json.loads(spec_path.read_text())
+        if old != json.loads(json.dumps(spec)):
+            raise ValueError(f"{root} holds a different sweep (see {spec_path}); use another directory")
+    else:
+        spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads)} decode benchmarks, {parallel} at a time")
+    env = dict(os.environ)
+    jobs: list[tuple[str, list[Stage]]] = [(f"bench-kv{g}", [bench_stage(cfg, root, g)]) for g in cfg.num_kv_heads]
+    jobs += [(r.run_id, run_stages(cfg, root, r, original_steps)) for r in runs]
+    if dry_run:
+        for name, stages in jobs:
+            for s in stages:
+                log(f"[{name}] {'done' if s.done.exists() else 'todo'}: {' '.join(s.argv[2:])}")
+        return []
+    failures: list[str] = []
+
+    def work(item: tuple[str, list[Stage]]) -> None:
+        name, stages = item
+        t0 = time.time()
+        for s in stages:
+            if s.done.exists():
+                continue
+            log(f"[{name}] {s.name} ...")
+            s.run(env)
+        log(f"[{name}] complete ({time.time() - t0:.0f}s)")
+
+    from tqdm import tqdm
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        futures = {pool.submit(work, j): j[0] for j in jobs}
+        for fut in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="sweep", unit="run"):
+            try:
+                fut.result()
+            except RuntimeError as e:
+                failures.append(f"{futures[fut]}: {e}")
+                log(f"[{futures[fut]}] FAILED: {e}")
+    rows = aggregate(root)
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(jobs)} jobs failed (completed ones are kept; re-run to "
+                           f"retry):\n  " + "\n  ".join(failures))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+
+def _flatten_metrics(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten_metrics(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def collect_rows(root: pathlib.Path) -> list[dict[str, Any]]:
+    spec = json.loads((root / "sweep.json").read_text())
+    cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
+    bench = {}
+    for g in cfg.num_kv_heads:
+        p = root / "bench" / f"kv{g}.json"
+        if p.exists():
+            bench[g] = _flatten_metrics(json.loads(p.read_text()))
+    rows = []
+    for run in expand_grid(cfg, spec["num_heads"]):
+        d = root / "runs" / run.run_id
+        if not (d / "eval.json").exists():
+            continue
+        row: dict[str, Any] = {"run_id": run.run_id, "kv_heads": run.kv_heads, "method": run.method,
+                               "alpha": run.alpha, "seed": run.seed,
+                               "kind": attention_kind(run.kv_heads, spec["num_heads"])}
+        row.update({f"eval.{k}": v for k, v in _flatten_metrics(json.loads((d / "eval.json").read_text())).items()})
+        if (d / "downstream.json").exists():
+            row.update({f"downstream.{k}": v
+                        for k, v in _flatten_metrics(json.loads((d / "downstream.json").read_text())).items()})
+        row.update({f"bench.{k}": v for k, v in bench.get(run.kv_heads, {}).items()})
+        rows.append(row)
+    return rows
+
+
+def attention_kind(g: int, h: int) -> str:
+    return "MHA" if g == h else "MQA" if g == 1 else f"GQA-{g}"
+
+
+def summarise(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation of `metric` over seeds for each (kv_heads, method, alpha)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if metric in r and not math.isnan(r[metric]):
+            groups.setdefault((r["kv_heads"], r["method"], r["alpha"]), []).append(r[metric])
+    out = []
+    for (g, m, a), vals in sorted(groups.items()):
+        out.append({"kv_heads": g, "method": m, "alpha": a, "n": len(vals), "mean": statistics.fmean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0})
+    return out
+
+
+def aggregate(root: str | os.PathLike, metric: str | None = None) -> list[dict[str, Any]]:
+    """Write results.csv, results.md and plots from whatever runs have finished."""
+    root = pathlib.Path(root)
+    rows = collect_rows(root)
+    if not rows:
+        return rows
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k.split(".")[0] not in ("run_id", "kind"), k))
+    with open(root / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    metric = metric or _default_metric(rows)
+    summary = summarise(rows, metric)
+    num_heads = json.loads((root / "sweep.json").read_text())["num_heads"]
+    lines = [f"# Sweep results ({root.name})", "", f"Metric: `{metric}` (mean ± sample std over seeds, n runs).", "",
+             "| model | method | α | n | mean | std |", "|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {attention_kind(s['kv_heads'], num_heads)} | {s['method']} | {s['alpha']:g} | {s['n']} | "
+                     f"{s['mean']:.4f} | {s['std']:.4f} |")
+    tps = _time_per_sample(rows)
+    if tps:
+        lines += ["", "| model | time per sample (s) |", "|---|---|"]
+        lines += [f"| {attention_kind(g, num_heads)} | {t:.4f} |" for g, t in sorted(tps.items())]
+    (root / "results.md").write_text("\n".join(lines) + "\n")
+    plot(rows, summary, metric, num_heads, root)
+    return rows
+
+
+def _default_metric(rows: Sequence[dict[str, Any]]) -> str:
+    for k in ("eval.loss", "eval.eval_loss"):
+        if any(k in r for r in rows):
+            return k
+    cands = sorted(k for r in rows for k in r if k.startswith("eval."))
+    if not cands:
+        raise ValueError("no eval metrics found in the runs' eval.json files")
+    return cands[0]
+
+
+def _time_per_sample(rows: Sequence[dict[str, Any]]) -> dict[int, float]:
+    out = {}
+    for r in rows:
+        for k in ("bench.time_per_sample_s", "bench.time_per_sample"):
+            if k in r:
+                out[r["kv_heads"]] = r[k]
+    return out
+
+
+def plot(rows, summary, metric: str, num_heads: int, root: pathlib.Path) -> list[pathlib.Path]:
+    """The paper's figure shapes: quality vs time (Fig. 3), method (Fig. 4), α (Fig. 5), time vs G (Fig. 6)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    alphas = sorted({s["alpha"] for s in summary})
+    tps = _time_per_sample(rows)
+
+    def save(fig, name):
+        p = root / name
+        fig.tight_layout()
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        written.append(p)
+
+    if tps:
+        top = max(alphas)
+        pts = [s for s in summary if s["alpha"] == top and s["method"] == "mean" and s["kv_heads"] in tps]
+        if pts:
+            fig, ax = plt.subplots(figsize=(5, 4))
+            for s in pts:
+                ax.errorbar(tps[s["kv_heads"]], s["mean"], yerr=s["std"], fmt="o", capsize=3)
+                ax.annotate(attention_kind(s["kv_heads"], num_heads), (tps[s["kv_heads"]], s["mean"]),
+                            textcoords="offset points", xytext=(5, 5))
+            ax.set(xlabel="time per sample (s)", ylabel=metric, title=f"quality vs time (α={top:g})")
+            save(fig, "quality_vs_time.png")
+        fig, ax = plt.subplots(figsize=(5, 4))
+        gs = sorted(tps)
+        ax.plot(gs, [tps[g] for g in gs], "o-")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="KV groups G", ylabel="time per sample (s)", title="time per sample vs groups")
+        save(fig, "time_vs_groups.png")
+    methods = sorted({s["method"] for s in summary})
+    if len(methods) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for a in alphas:
+            pts = [s for s in summary if s["alpha"] == a and s["kv_heads"] != num_heads]
+            gs = sorted({s["kv_heads"] for s in pts})
+            for g in gs:
+                sel = [next((s for s in pts if s["method"] == m and s["kv_heads"] == g), None) for m in methods]
+                xs = [i for i, s in enumerate(sel) if s]
+                ax.errorbar(xs, [sel[i]["mean"] for i in xs], yerr=[sel[i]["std"] for i in xs], fmt="o-",
+                            capsize=3, label=f"{attention_kind(g, num_heads)} α={a:g}")
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set(ylabel=metric, title="conversion method")
+        ax.legend(fontsize=7)
+        save(fig, "methods.png")
+    if len(alphas) > 1:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for g in sorted({s["kv_heads"] for s in summary}):
+            pts = sorted((s for s in summary if s["kv_heads"] == g and s["method"] == "mean"),
+                         key=lambda s: s["alpha"])
+            if pts:
+                ax.errorbar([s["alpha"] for s in pts], [s["mean"] for s in pts], yerr=[s["std"] for s in pts],
+                            fmt="o-", capsize=3, label=attention_kind(g, num_heads))
+        ax.set(xlabel="uptraining fraction α", ylabel=metric, title="quality vs uptraining")
+        ax.legend()
+        save(fig, "quality_vs_alpha.png")
+    return written
