@@ -1,0 +1,255 @@
+"""Trainer: schedules, optimiser-state shardings, loss, gradient accumulation, and short end-to-end runs."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from gqa_uptrain.config import ModelConfig
+from gqa_uptrain.model import init_params
+from gqa_uptrain.optim import (OptimizerConfig, learning_rate_schedule, make_optimizer, opt_state_bytes_per_device,
+                               opt_state_partition_specs)
+from gqa_uptrain import train as train_lib
+from gqa_uptrain.train import TrainConfig
+
+# Smallest model that takes the bundled vocabulary's ids (4100 < 4224).
+DATA_MODEL = ModelConfig(vocab_size=4224, d_model=32, num_heads=4, head_dim=8, d_ff=48, num_encoder_layers=1,
+                         num_decoder_layers=1)
+
+
+def _tc(model_dir, **kw):
+    base = dict(model_dir=str(model_dir), inputs_length=32, targets_length=8, batch_size=4, train_steps=4,
+                save_every=2, eval_every=2, eval_examples=4, log_every=1, progress=False, tensorboard=False,
+                optimizer=OptimizerConfig(schedule="constant", base_learning_rate=0.01))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------ optimiser
+
+
+def test_rsqrt_schedule_t5_values_and_offset():
+    t5 = learning_rate_schedule(OptimizerConfig())
+    assert float(t5(0)) == pytest.approx(0.01)          # 1/sqrt(10000) during warm-up
+    assert float(t5(40_000)) == pytest.approx(0.005)    # 1/sqrt(40000)
+    # Uptraining T5.1.1 (1M pre-training steps) continues at 1e-3 and decays from there.
+    up = learning_rate_schedule(OptimizerConfig(step_offset=1_000_000))
+    assert float(up(0)) == pytest.approx(1e-3)
+    assert float(up(50_000)) == pytest.approx(1 / math.sqrt(1_050_000))
+    const = learning_rate_schedule(OptimizerConfig(schedule="constant", base_learning_rate=1e-3))
+    assert float(const(12345)) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="schedule"):
+        OptimizerConfig(schedule="cosine")
+
+
+def test_adafactor_matches_t5x_defaults_on_one_step():
+    """One update of a [256, 128] matrix, recomputed by hand from the Adafactor equations (factored, no momentum,
+    clip 1.0, parameter-scale, decay 0.8)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(256, 128)).astype(np.float32)
+    g = rng.normal(size=(256, 128)).astype(np.float32)
+    opt = make_optimizer(OptimizerConfig(schedule="constant", base_learning_rate=0.01))
+    upd, _ = opt.update({"w": jnp.asarray(g)}, opt.init({"w": jnp.asarray(w)}), {"w": jnp.asarray(w)})
+    g2 = g.astype(np.float64) ** 2 + 1e-30
+    beta = 1 - 1.0 ** -0.8  # decay at step 0 is 0: the first estimate is the gradient's own statistics
+    row, col = (1 - beta) * g2.mean(1), (1 - beta) * g2.mean(0)
+    v = row[:, None] * col[None, :] / row.mean()
+    u = g / np.sqrt(v)
+    u /= max(1.0, np.sqrt(np.mean(u ** 2)))
+    scale = max(1e-3, np.sqrt(np.mean(w.astype(np.float64) ** 2)))
+    np.testing.assert_allclose(np.asarray(upd["w"]), -0.01 * scale * u, rtol=2e-4, atol=1e-7)
+
+
+def test_opt_state_specs_follow_factored_axes():
+    params = {"w": jax.ShapeDtypeStruct((256, 128), jnp.float32), "b": jax.ShapeDtypeStruct((128,), jnp.float32),
+              "k": jax.ShapeDtypeStruct((64, 32), jnp.float32)}
+    specs = {"w": P("fsdp", "model"), "b": P("fsdp"), "k": P("fsdp", "model")}
+    opt = make_optimizer(OptimizerConfig())
+    state = jax.eval_shape(opt.init, params)
+    out = opt_state_partition_specs(state, specs, params)
+    fact = out[0]  # FactoredState(count, v_row, v_col, v)
+    # w: largest axis 0 (256) -> v_row drops it, v_col drops axis 1.
+    assert state[0].v_row["w"].shape == (128,) and fact.v_row["w"] == P("model")
+    assert state[0].v_col["w"].shape == (256,) and fact.v_col["w"] == P("fsdp")
+    assert fact.v["w"] == P()  # (1,) placeholder
+    # Small / 1-D params keep a full second moment with the parameter's spec.
+    assert fact.v["k"] == P("fsdp", "model") and fact.v["b"] == P("fsdp")
+    per_dev, total = opt_state_bytes_per_device(opt, specs, params, {"data": 1, "fsdp": 4, "model": 2})
+    expect_total = 4 * (128 + 256 + 1 + 1 + 1 + 128 + 1 + 1 + 64 * 32) + 8  # + two int32 step counts
+    assert total == expect_total
+    assert per_dev == 4 * (64 + 64 + 1 + 1 + 1 + 32 + 1 + 1 + 16 * 16) + 8
+
+
+# ------------------------------------------------------------------------------------------------ loss / step
+
+
+def _synthetic_batch(cfg, b=4, src=6, tgt=5, seed=0):
+    r = np.random.default_rng(seed)
+    enc = r.integers(2, cfg.vocab_size, size=(b, src)).astype(np.int32)
+    enc[:, -1] = 0
+    tgt_tok = r.integers(2, cfg.vocab_size, size=(b, tgt)).astype(np.int32)
+    tgt_tok[0, -2:] = 0
+    dec_in = np.concatenate([np.zeros((b, 1), np.int32), tgt_tok[:, :-1]], 1)
+    return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in, "decoder_target_tokens": tgt_tok,
+            "decoder_loss_weights": (tgt_tok > 0).astype(np.int32)}
+
+
+def test_loss_sums_match_numpy(tiny_config, rng):
+    from gqa_uptrain.model import Transformer
+    params = init_params(tiny_config, rng)
+    batch = _synthetic_batch(tiny_config)
+    sums = train_lib._loss_sums(tiny_config, params, batch, None, z_loss=1e-4)
+    logits = np.asarray(Transformer(tiny_config).apply({"params": params}, batch["encoder_input_tokens"],
+                                                       batch["decoder_input_tokens"], batch["decoder_target_tokens"]),
+                        np.float64)
+    m = logits.max(-1, keepdims=True)
+    logz = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+    t = batch["decoder_target_tokens"]
+    w = batch["decoder_loss_weights"]
+    ce = logz - np.take_along_axis(logits, t[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(sums["cross_entropy"]), (ce * w).sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(sums["z_loss"]), (1e-4 * logz ** 2 * w).sum(), rtol=1e-5)
+    assert float(sums["weight"]) == w.sum() == 18
+    assert float(sums["correct"]) == ((logits.argmax(-1) == t) * w).sum()
+
+
+def test_loss_normalizing_factor_choices():
+    batch = {"decoder_target_tokens": jnp.array([[3, 4, 0], [5, 0, 0]]),
+             "decoder_loss_weights": jnp.array([[1, 1, 0], [1, 0, 0]])}
+    mk = lambda lnf: TrainConfig(model_dir="x", train_steps=1, batch_size=2, targets_length=3,  # noqa: E731
+                                 loss_normalizing_factor=lnf)
+    assert float(train_lib._normalizer(mk(None), batch)) == 6.0        # batch_size * targets_length
+    assert float(train_lib._normalizer(mk(233472), batch)) == 233472.0
+    assert float(train_lib._normalizer(mk("NUM_REAL_TARGET_TOKENS"), batch)) == 3.0
+    with pytest.raises(ValueError, match="loss_normalizing_factor"):
+        mk("MEAN")
+
+
+def test_gradient_accumulation_matches_one_batch(tiny_config, rng, tmp_path):
+    lnf = "NUM_REAL_TARGET_TOKENS"
+    params = init_params(tiny_config, rng)
+    batch = {k: jnp.asarray(v) for k, v in _synthetic_batch(tiny_config, b=8, seed=1).items()}
+    out = {}
+    for m in (1, 4):
+        cfg = TrainConfig(model_dir=str(tmp_path), batch_size=8, num_microbatches=m, train_steps=1,
+                          targets_length=5, loss_normalizing_factor=lnf)
+        ocfg = OptimizerConfig(schedule="constant", base_learning_rate=0.01)
+        opt = make_optimizer(ocfg)
+        fn = jax.jit(train_lib.make_train_step(tiny_config, cfg, opt, learning_rate_schedule(ocfg)))
+        new_params, _, step, metrics = fn(params, opt.init(params), jnp.int32(0), batch)
+        out[m] = (new_params, metrics)
+        assert int(step) == 1
+    (p1, m1), (p4, m4) = out[1], out[4]
+    for k in ("loss", "objective", "grad_norm", "accuracy"):
+        np.testing.assert_allclose(float(m1[k]), float(m4[k]), rtol=1e-5)
+    norm = float(batch["decoder_loss_weights"].sum())
+    np.testing.assert_allclose(float(m1["objective"]), float(m1["loss"] + m1["z_loss"]) * 38 / norm, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6), p1, p4)
+    # The step moved the parameters.
+    assert not np.allclose(np.asarray(p1["decoder"]["logits_dense"]["kernel"]),
+                           np.asarray(params["decoder"]["logits_dense"]["kernel"]))
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_train_batches_shard_layout_and_skip(tmp_path):
+    cfg = _tc(tmp_path, num_data_shards=2)
+    one = train_lib.train_batches(cfg, 0, process_index=0, process_count=1)
+    b0, b1, b2 = next(one), next(one), next(one)
+    assert set(b0) == {"encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                       "decoder_loss_weights"}
+    assert b0["encoder_input_tokens"].shape == (4, 32) and b0["decoder_target_tokens"].shape == (4, 8)
+    assert not np.array_equal(b0["encoder_input_tokens"], b1["encoder_input_tokens"])
+    # Two processes each hold half of the same global batch.
+    h0 = next(train_lib.train_batches(cfg, 0, process_index=0, process_count=2))
+    h1 = next(train_lib.train_batches(cfg, 0, process_index=1, process_count=2))
+    np.testing.assert_array_equal(np.concatenate([h0["encoder_input_tokens"], h1["encoder_input_tokens"]]),
+                                  b0["encoder_input_tokens"])
+    # Resuming at batch 2 yields batch 2.
+    skipped = next(train_lib.train_batches(cfg, 2, process_index=0, process_count=1))
+    for k in b2:
+        np.testing.assert_array_equal(skipped[k], b2[k])
+    # Teacher forcing: decoder inputs are the targets shifted right.
+    np.testing.assert_array_equal(b0["decoder_input_tokens"][:, 1:], b0["decoder_target_tokens"][:, :-1])
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="'no_such_task' is not registered"):
+        next(train_lib.train_batches(_tc(tmp_path, mixture_or_task_name="no_such_task"), 0))
+
+
+def test_length_from_uptrain_fraction():
+    cfg = TrainConfig(model_dir="x", uptrain_fraction=0.05)
+    assert train_lib.resolve_length(cfg, {"source": {"step": 1_000_000}}) == (50_000, 1_000_000)
+    assert train_lib.resolve_length(TrainConfig(model_dir="x", uptrain_fraction=0.1, original_steps=400), None) \
+        == (40, 400)
+    with pytest.raises(ValueError, match="ORIGINAL_STEPS"):
+        train_lib.resolve_length(cfg, {})
+    with pytest.raises(ValueError, match="TRAIN_STEPS"):
+        TrainConfig(model_dir="x")
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_train_checkpoint_resume_and_uptrain_init(tmp_path):
+    from gqa_uptrain.checkpoint import load_params
+    from gqa_uptrain.metrics import read_metrics
+
+    run = tmp_path / "pre"
+    res = train_lib.train(DATA_MODEL, _tc(run))
+    assert res.step == 4 and res.resumed_from is None
+    recs = read_metrics(run)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["learning_rate"] == pytest.approx(0.01) for r in recs)
+    for key in ("accuracy", "z_loss", "grad_norm", "tokens_per_second", "steps_per_second"):
+        assert key in recs[0]
+    evals = read_metrics(run, "eval")
+    assert [r["step"] for r in evals] == [2, 4] and evals[1]["loss"] < evals[0]["loss"]
+    # checkpoint.load_params understands the run dir and returns the final parameters.
+    loaded = load_params(run)
+    assert loaded.step == 4 and loaded.config == DATA_MODEL
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded.params, res.params)
+    data_item = json.loads((run / "checkpoints" / "4" / "data" / "metadata").read_text()) \
+        if (run / "checkpoints" / "4" / "data" / "metadata").exists() else None
+    if data_item is not None:
+        assert data_item["batches_consumed"] == 4
+
+    # Extending the run resumes from step 4 (optimizer state restored, not re-initialised).
+    res2 = train_lib.train(DATA_MODEL, _tc(run, train_steps=5, eval_every=0))
+    assert res2.resumed_from == 4 and res2.step == 5
+    assert int(res2.opt_state[0].count) == 5
+
+    # Uptraining from the run: params restored, fresh optimizer, schedule continues from the source's 4 steps,
+    # length = round(0.5 * 4) = 2.
+    up = tmp_path / "up"
+    ucfg = _tc(up, train_steps=None, uptrain_fraction=0.5, original_steps=None, initial_checkpoint=str(run),
+               continue_schedule=True, eval_every=0, optimizer=OptimizerConfig(warmup_steps=1))
+    with pytest.raises(ValueError, match="ORIGINAL_STEPS"):
+        train_lib.train(DATA_MODEL, ucfg)  # a run dir has no manifest recording the source step
+    ucfg = _tc(up, train_steps=None, uptrain_fraction=0.5, original_steps=4, initial_checkpoint=str(run),
+               continue_schedule=True, eval_every=0, optimizer=OptimizerConfig(warmup_steps=1))
+    res3 = train_lib.train(DATA_MODEL, ucfg)
+    assert res3.step == 2 and int(res3.opt_state[0].count) == 2
+    lrs = [r["learning_rate"] for r in res3.metrics]
+    np.testing.assert_allclose(lrs, [1 / math.sqrt(4), 1 / math.sqrt(5)], rtol=1e-6)
+    # The first step's loss is the loss of the restored (step-5) parameters on the first batch.
+    first = next(train_lib.train_batches(ucfg, 0))
+    sums = train_lib._loss_sums(DATA_MODEL, load_params(run).params, first, None, 1e-4)
+    assert res3.metrics[0]["loss"] == pytest.approx(float(sums["cross_entropy"] / sums["weight"]), rel=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    import orbax.checkpoint as ocp
+    cfg = _tc(tmp_path / "nan", train_steps=6, save_every=1, eval_every=0,
+              optimizer=OptimizerConfig(schedule="constant", base_learning_rate=1e30))
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"non-finite loss.*Last good checkpoint: step \d"):
+        train_lib.train(DATA_MODEL, cfg)
+    with ocp.CheckpointManager(tmp_path / "nan" / "checkpoints") as mngr:
+        steps = mngr.all_steps()
+    assert steps and max(steps) < 6
