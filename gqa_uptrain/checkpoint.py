@@ -76,8 +76,10 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
 
 
 def save_params(output: str | os.PathLike, params: Any, config: ModelConfig, metadata: dict[str, Any] | None = None,
-                overwrite: bool = False) -> pathlib.Path:
-    """Write params (orbax), config.json, model.gin and manifest.json atomically to `output`."""
+                overwrite: bool = False, extra_files: dict[str, str] | None = None) -> pathlib.Path:
+    """Write params (orbax), config.json, model.gin and manifest.json atomically to `output`.
+
+    extra_files: file name -> text written into the same directory inside the same atomic step."""
     import orbax.checkpoint as ocp
     check_params_match_config(params, config)
     with atomic_directory(output, overwrite) as tmp:
@@ -86,6 +88,8 @@ def save_params(output: str | os.PathLike, params: Any, config: ModelConfig, met
             ckptr.wait_until_finished()
         write_config_files(tmp, config)
         (tmp / MANIFEST_FILE).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True, default=str) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return pathlib.Path(output)
 
 

@@ -133,3 +133,18 @@ def test_export_gqa_writes_narrow_kv_and_expand_kv_loads_in_hf(tmp_path, tiny_co
     export_hf(tmp_path / "ours", tmp_path / "hf_mha", expand_kv=True)
     model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf_mha").eval()
     assert np.abs(_hf_logits(model, enc, dec_in) - want).max() < 1e-4
+
+
+def test_cli_hf_convert_identity_export_loads_in_hf(tmp_path, capsys):
+    """HF safetensors -> convert (G=H) -> export -> HF loads it with the source's logits."""
+    from gqa_uptrain.cli import main
+    model = _random_hf(tie=None, seed=3)  # tied + scaled: exercises the folded lm_head scale end to end
+    model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")  # sharded index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    assert main(["convert", "--source", str(tmp_path / "hf"), "--num-kv-heads", "4", "--layers", "all",
+                 "--output", str(tmp_path / "ours"), "--no-progress"]) == 0
+    assert main(["export", "--checkpoint", str(tmp_path / "ours"), "--output", str(tmp_path / "back"),
+                 "--no-progress"]) == 0
+    back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    enc, dec_in = _batch(HF_DIMS["vocab_size"], seed=4)
+    assert np.abs(_hf_logits(back, enc, dec_in) - _hf_logits(model, enc, dec_in)).max() < 1e-4

@@ -1,15 +1,334 @@
-"""gqa-uptrain convert (placeholder until issue #4 lands)."""
+"""gqa-uptrain convert: MHA (or GQA) checkpoint -> GQA checkpoint directory, or a comparison of init methods."""
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Any
 
-from gqa_uptrain.cli.common import not_implemented
+from gqa_uptrain.cli.common import add_gin_arguments
 
-HELP = "Convert an MHA checkpoint (HF / T5X / orbax) to GQA/MQA (not implemented yet)"
+HELP = "Convert an MHA checkpoint (HF / T5X / orbax) to GQA/MQA"
+DESCRIPTION = """Convert a T5.1.1 checkpoint to grouped-query attention (Ainslie et al. 2023).
+
+Reads Hugging Face (safetensors, sharded safetensors, or pickle .bin only with torch), T5X native (msgpack +
+tensorstore) or gqa_uptrain checkpoints one tensor at a time, merges the key/value heads of each group and writes
+DIR/params (orbax), config.json, model.gin, manifest.json and conversion.json atomically.
+
+Head order: query head i uses key/value head i // (num_heads / G) (contiguous groups, as HF repeat_kv)."""
+EPILOG = """methods:
+  mean    paper default: average K/V kernels within a group
+  first   keep the first head of each group (paper ablation)
+  random  fresh T5X init of K/V (paper ablation; seeded by --seed)
+  align   Procrustes-align heads on calibration K/V, then mean (arXiv:2412.20677); function-preserving rotation
+  svd     activation-aware shared K/V from the top principal directions of the group's calibration K/V
+          (arXiv:2406.07056); the per-head bases are folded into query/out kernels
+
+examples:
+  gqa-uptrain convert --source hf_t5_large/ --num-kv-heads 8 --output /tmp/t5_large_gqa8
+  gqa-uptrain convert --source t5x/checkpoint_1000000 --num-kv-heads 1 --method align --output /tmp/mqa
+  gqa-uptrain convert --source /tmp/tiny_mha --num-kv-heads 2 --compare      # loss of every method at alpha=0"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    from gqa_uptrain.convert import LAYER_CHOICES, METHODS
+    parser.add_argument("--source", required=True, metavar="PATH",
+                        help="source checkpoint: HF dir or .safetensors/.index.json/.bin file, T5X checkpoint_N dir "
+                             "(or its 'checkpoint' file, or a T5X model dir: latest step), or a gqa_uptrain dir")
+    parser.add_argument("--source-format", default="auto", metavar="FORMAT",
+                        help="one of auto, hf, t5x, orbax (default auto: detected from the files present)")
+    parser.add_argument("--num-kv-heads", type=int, required=True, metavar="G",
+                        help="target key/value heads G; must divide num_heads and the source's current KV heads "
+                             "(G=1: MQA, G=num_heads: MHA)")
+    parser.add_argument("--layers", default="decoder", choices=LAYER_CHOICES,
+                        help="which attention to convert: decoder (self + cross, the paper; encoder stays MHA) or "
+                             "all (encoder too). Default decoder")
+    parser.add_argument("--method", default="mean", choices=METHODS, help="how to initialise the shared K/V heads "
+                        "(see below); default mean")
+    parser.add_argument("--calibration", default="auto", metavar="DATA",
+                        help="calibration tokens for align/svd: 'bundled' (span corruption on the bundled corpus, "
+                             "train split; needs the bundled vocabulary), 'random' (uniform random tokens), a "
+                             "JSONL file with 'inputs'/'targets' (text or token-id lists) or a text file (one "
+                             "example per line), or 'auto' (bundled if the vocab fits, else random)")
+    parser.add_argument("--calibration-examples", type=int, default=32, metavar="N",
+                        help="calibration examples (default 32)")
+    parser.add_argument("--calibration-length", type=int, default=128, metavar="L",
+                        help="calibration input length in tokens (targets get L/4 for span corruption); default 128")
+    parser.add_argument("--vocab", default=None, metavar="SPM",
+                        help="SentencePiece model used to tokenise text in --calibration/--compare-data files "
+                             "(default: the bundled vocabulary)")
+    parser.add_argument("--output", metavar="DIR", help="output directory (required unless --compare)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random method and calibration sampling")
+    parser.add_argument("--compare", action="store_true",
+                        help="convert with every method in memory and print the held-out loss of each converted "
+                             "model before uptraining (alpha=0); with --output the --method result is also written")
+    parser.add_argument("--compare-methods", default=",".join(METHODS), metavar="M1,M2",
+                        help=f"methods to compare (default {','.join(METHODS)})")
+    parser.add_argument("--compare-data", default=None, metavar="FILE",
+                        help="validation data for --compare (JSONL or text, as --calibration); default: span "
+                             "corruption on the bundled validation split")
+    parser.add_argument("--compare-examples", type=int, default=64, metavar="N",
+                        help="validation examples for --compare (default 64)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # T5X checkpoints carry no config: --gin_file gives the architecture instead of inferring it from shapes.
+    add_gin_arguments(parser)
 
 
-run = not_implemented("convert", 4)
+# ---------------------------------------------------------------------------------------------- data helpers
+
+
+def _pad(rows: list, length: int):
+    import numpy as np
+    out = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        r = list(r)[:length]
+        out[i, :len(r)] = r
+    return out
+
+
+def _batch_from_pairs(pairs: list[tuple[list[int], list[int]]], in_len: int, tgt_len: int):
+    """[(inputs, targets)] -> encoder tokens [n, in_len], decoder inputs/targets [n, tgt_len]."""
+    import numpy as np
+    enc = _pad([p[0] for p in pairs], in_len)
+    tgt = _pad([p[1] for p in pairs], tgt_len)
+    dec_in = np.concatenate([np.zeros((len(pairs), 1), np.int32), tgt[:, :-1]], axis=1)
+    return enc, dec_in, tgt
+
+
+def _bundled_fits(vocab_size: int) -> bool:
+    return vocab_size >= 4100  # 4000 pieces + 100 sentinels (gqa_uptrain.data)
+
+
+def _file_pairs(path: str, vocab: str | None, n: int, vocab_size: int) -> list[tuple[list[int], list[int]]]:
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data file {p} not found")
+    sp = None
+
+    def ids(x: Any, what: str, lineno: int) -> list[int]:
+        nonlocal sp
+        if isinstance(x, list):
+            toks = [int(t) for t in x]
+        elif isinstance(x, str):
+            if sp is None:
+                import sentencepiece
+                model = vocab or str(pathlib.Path(__file__).resolve().parents[1] / "assets" / "vocab" / "spm.model")
+                sp = sentencepiece.SentencePieceProcessor(model_file=model)
+            toks = sp.encode(x) + [1]  # EOS
+        else:
+            raise ValueError(f"{p}:{lineno}: {what} must be a string or a list of token ids")
+        bad = [t for t in toks if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{p}:{lineno}: token id {bad[0]} outside the model vocabulary [0, {vocab_size})")
+        return toks
+
+    pairs = []
+    with open(p) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if p.suffix == ".jsonl":
+                try:
+                    d = json.loads(line)
+                    pairs.append((ids(d["inputs"], "inputs", lineno), ids(d["targets"], "targets", lineno)))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{p}:{lineno}: expected a JSON object with 'inputs' and 'targets' ({e})") \
+                        from None
+            else:
+                t = ids(line.rstrip("\n"), "line", lineno)
+                pairs.append((t, t))
+            if len(pairs) >= n:
+                break
+    if not pairs:
+        raise ValueError(f"{p} holds no examples")
+    return pairs
+
+
+def _span_corruption_pairs(split: str, n: int, length: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    from gqa_uptrain import data
+    examples = data.fixed_validation_examples(data.SPAN_CORRUPTION_TASK, {"inputs": length, "targets": length // 4},
+                                              n, seed=seed, split=split)
+    return [(list(e["inputs"]), list(e["targets"])) for e in examples]
+
+
+def _token_batch(spec: str, config, args, split: str, n: int):
+    import numpy as np
+    length = args.calibration_length
+    if spec == "auto":
+        spec = "bundled" if _bundled_fits(config.vocab_size) else "random"
+    if spec == "bundled":
+        if not _bundled_fits(config.vocab_size):
+            raise ValueError(f"the bundled data needs vocab_size >= 4100, the source has {config.vocab_size}; "
+                             "pass a data file or 'random'")
+        return _batch_from_pairs(_span_corruption_pairs(split, n, length, args.seed), length, length // 4), spec
+    if spec == "random":
+        r = np.random.RandomState(args.seed)
+        enc = r.randint(2, config.vocab_size, size=(n, length)).astype(np.int32)
+        tgt = r.randint(2, config.vocab_size, size=(n, length // 4)).astype(np.int32)
+        return _batch_from_pairs(list(zip(enc.tolist(), tgt.tolist())), length, length // 4), spec
+    pairs = _file_pairs(spec, args.vocab, n, config.vocab_size)
+    return _batch_from_pairs(pairs, max(len(p[0]) for p in pairs), max(len(p[1]) for p in pairs) + 1), spec
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def _loss_fn(config):
+    import jax
+    import jax.numpy as jnp
+
+    from gqa_uptrain.model import Transformer
+
+    @jax.jit
+    def loss(params, enc, dec_in, tgt):
+        logits = Transformer(config).apply({"params": params}, enc, dec_in, tgt)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+        w = (tgt > 0).astype(jnp.float32)
+        return jnp.sum(nll * w), jnp.sum(w)
+    return loss
+
+
+def evaluate_loss(params, config, batch, batch_size: int = 16) -> float:
+    """Mean token cross-entropy of teacher-forced targets (padding excluded)."""
+    from flax import traverse_util
+    nested = traverse_util.unflatten_dict(params, sep="/") if any("/" in k for k in params) else params
+    fn = _loss_fn(config)
+    enc, dec_in, tgt = batch
+    tot = cnt = 0.0
+    for i in range(0, len(enc), batch_size):
+        s, c = fn(nested, enc[i:i + batch_size], dec_in[i:i + batch_size], tgt[i:i + batch_size])
+        tot, cnt = tot + float(s), cnt + float(c)
+    return tot / max(cnt, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+    out = {}
+    for pkg in ("gqa_uptrain", "jax", "flax", "numpy", "orbax-checkpoint", "safetensors", "tensorstore"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from gqa_uptrain import convert, readers
+    from gqa_uptrain.checkpoint import save_params
+
+    if args.source_format not in readers.FORMATS:
+        raise ValueError(f"unknown --source-format {args.source_format!r}; choose one of {readers.FORMATS}")
+    methods = [m.strip() for m in args.compare_methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in convert.METHODS:
+            raise ValueError(f"unknown method {m!r} in --compare-methods; choose from {convert.METHODS}")
+    if not args.output and not args.compare:
+        raise ValueError("--output is required (or pass --compare to only compare methods)")
+    out = pathlib.Path(args.output).absolute() if args.output else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
+    source_path = pathlib.Path(args.source)
+    if not source_path.exists():
+        raise FileNotFoundError(f"source {source_path} does not exist")
+
+    gin_config = None
+    if args.gin_file:
+        from gqa_uptrain.cli.common import model_config
+        gin_config = model_config(args)
+    bar = None if args.no_progress else _tqdm("read", "tensor")
+    t0 = time.time()
+    src = readers.read_source(source_path, args.source_format, gin_config, progress=bar)
+    t_read = time.time() - t0
+    cfg = src.config
+    convert.validate_target(cfg, args.num_kv_heads, args.layers)
+    flat = convert._flat(src.params)
+    src.params = None  # `flat` is now the only reference: one copy of the model in memory
+
+    needs_calib = args.method in convert.DATA_METHODS or (args.compare and set(methods) & set(convert.DATA_METHODS))
+    calibration, calib_desc = None, None
+    if needs_calib:
+        batch, calib_desc = _token_batch(args.calibration, cfg, args, "train", args.calibration_examples)
+        calibration = convert.collect_calibration(flat, cfg, *batch, layers=args.layers, seed=args.seed)
+        calib_desc = {"data": calib_desc, "examples": int(len(batch[0])), "rows_per_module": {
+            k: int(v.shape[0]) for k, v in list(calibration.items())[:1]}}
+
+    if args.compare:
+        _compare(flat, cfg, args, methods, calibration)
+        if out is None:
+            return 0
+
+    conv_bar = None if args.no_progress else _tqdm(f"convert ({args.method})", "module")
+    t1 = time.time()
+    res = convert.convert_params(flat, cfg, args.num_kv_heads, args.layers, args.method, args.seed, calibration,
+                                 progress=conv_bar, measure_error=calibration is not None)
+    t_convert = time.time() - t1
+    del flat
+    record = {
+        "source": str(source_path.absolute()), "source_format": src.format, "source_step": src.step,
+        "method": args.method, "num_kv_heads": args.num_kv_heads, "layers": args.layers, "seed": args.seed,
+        "calibration": calib_desc, "head_order": "contiguous: query head i uses kv head i // (num_heads / G)",
+        "source_config": cfg.to_dict(), "config": res.config.to_dict(), "grouping": res.grouping,
+        "versions": _versions(), "source_sha256": readers.sha256_files(src.files), "source_info": src.info,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    from flax import traverse_util
+    t2 = time.time()
+    params = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in res.params.items()}, sep="/")
+    res.params = None
+    save_params(out, params, res.config, {"step": src.step, "source_step": src.step, "converted_from": src.format,
+                                           "method": args.method},
+                overwrite=args.overwrite, extra_files={"conversion.json": json.dumps(record, indent=2) + "\n"})
+    print(f"wrote {out}: {res.config.num_heads} query heads, kv heads encoder={res.config.enc_kv_heads} "
+          f"decoder_self={res.config.dec_self_kv_heads} decoder_cross={res.config.dec_cross_kv_heads}, "
+          f"method={args.method}, source step={src.step} "
+          f"(read {t_read:.1f}s, convert {t_convert:.1f}s, write {time.time() - t2:.1f}s)", file=sys.stderr)
+    return 0
+
+
+def _tqdm(desc: str, unit: str):
+    from tqdm import tqdm
+
+    def wrap(it):
+        try:
+            total = len(it)
+        except TypeError:
+            total = None
+        return tqdm(it, desc=desc, unit=unit, total=total, file=sys.stderr, leave=False)
+    return wrap
+
+
+def _compare(flat, cfg, args, methods, calibration) -> None:
+    from gqa_uptrain import convert
+    if args.compare_data:
+        batch, _ = _token_batch(args.compare_data, cfg, args, "validation", args.compare_examples)
+    elif _bundled_fits(cfg.vocab_size):
+        batch, _ = _token_batch("bundled", cfg, args, "validation", args.compare_examples)
+    else:
+        raise ValueError(f"--compare needs --compare-data: the source vocabulary ({cfg.vocab_size}) is not the "
+                         "bundled one")
+    rows = [("source (unconverted)", evaluate_loss(flat, cfg, batch), None, None, 0.0)]
+    for m in methods:
+        t = time.time()
+        res = convert.convert_params(flat, cfg, args.num_kv_heads, args.layers, m, args.seed, calibration,
+                                     measure_error=True)
+        loss = evaluate_loss(res.params, res.config, batch)
+        ke = float(sum(v["k_rel_error"] for v in res.grouping.values()) / len(res.grouping))
+        ve = float(sum(v["v_rel_error"] for v in res.grouping.values()) / len(res.grouping))
+        rows.append((m, loss, ke, ve, time.time() - t))
+    base = rows[0][1]
+    print(f"held-out loss at alpha=0, G={args.num_kv_heads}, layers={args.layers}, {len(batch[0])} examples")
+    print(f"{'method':<22} {'loss':>8} {'delta':>8} {'K err':>7} {'V err':>7} {'sec':>6}")
+    for name, loss, ke, ve, sec in rows:
+        fmt = (lambda x: f"{x:7.3f}" if x is not None else f"{'-':>7}")  # noqa: E731
+        print(f"{name:<22} {loss:8.4f} {loss - base:+8.4f} {fmt(ke)} {fmt(ve)} {sec:6.1f}")
+    best = min(rows[1:], key=lambda r: r[1])[0]
+    print(f"best: {best} (K/V err: relative calibration reconstruction error, mean over converted modules)")

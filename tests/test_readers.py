@@ -1,0 +1,270 @@
+"""Readers (HF safetensors incl. sharded, T5X msgpack/tensorstore, ours) and the convert/export CLI on bad input.
+
+No torch needed: HF-format directories are written with our own streaming safetensors writer."""
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization, traverse_util
+
+from gqa_uptrain import hf, readers
+from gqa_uptrain.cli import main
+from gqa_uptrain.export import hf_specs, write_safetensors
+from gqa_uptrain.model import init_params
+
+
+@pytest.fixture
+def params(tiny_config):
+    return jax.tree.map(np.array, init_params(tiny_config, jax.random.PRNGKey(0)))
+
+
+def _assert_same(a, b):
+    fa, fb = traverse_util.flatten_dict(a, sep="/"), traverse_util.flatten_dict(b, sep="/")
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        np.testing.assert_allclose(np.asarray(fa[k]), np.asarray(fb[k]), rtol=1e-6, err_msg=k)
+
+
+def write_hf_dir(path: pathlib.Path, cfg, params, shards: int = 1, drop=(), extra=None, reshape=None):
+    path.mkdir(parents=True)
+    tensors = dict(hf.iter_hf_tensors(params, cfg))
+    for k in drop:
+        tensors.pop(k)
+    tensors.update(extra or {})
+    for k, shape in (reshape or {}).items():
+        tensors[k] = np.zeros(shape, np.float32)
+    names = list(tensors)
+    if shards == 1:
+        write_safetensors(path / "model.safetensors", [(n, tensors[n].shape, tensors[n].dtype) for n in names],
+                          ((n, tensors[n]) for n in names))
+    else:
+        weight_map = {}
+        for s in range(shards):
+            part = names[s::shards]
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            write_safetensors(path / fname, [(n, tensors[n].shape, tensors[n].dtype) for n in part],
+                              ((n, tensors[n]) for n in part))
+            weight_map.update({n: fname for n in part})
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    conf = hf.hf_config_from_config(cfg)
+    (path / "config.json").write_text(json.dumps(conf))
+    return path
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_hf_safetensors_single_and_sharded(tmp_path, tiny_config, params, shards):
+    write_hf_dir(tmp_path / "hf", tiny_config, params, shards=shards)
+    seen = []
+    src = readers.read_source(tmp_path / "hf", progress=lambda it: (seen.append(x) or x for x in it))
+    assert src.format == "hf" and src.config == tiny_config
+    assert len(seen) == len(hf.name_map(tiny_config))  # one tensor at a time through the progress wrapper
+    _assert_same(src.params, params)
+    assert len(src.files) == 1 + shards + (shards > 1)
+
+
+def test_safetensors_reader_matches_reference_library(tmp_path, tiny_config, params):
+    """Our streaming writer/reader agree with the safetensors package (bf16 included)."""
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+    arrs = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((2,), np.int64),
+            "c": np.linspace(0, 1, 6).astype(ml_dtypes.bfloat16).reshape(2, 3)}
+    save_file({k: v for k, v in arrs.items() if k != "c"}, tmp_path / "ref.safetensors")
+    f = readers.SafetensorsFile(tmp_path / "ref.safetensors")
+    np.testing.assert_array_equal(f["a"], arrs["a"])
+    np.testing.assert_array_equal(f["b"], arrs["b"])
+    write_safetensors(tmp_path / "ours.safetensors", [(k, v.shape, v.dtype) for k, v in arrs.items()], arrs.items())
+    g = readers.SafetensorsFile(tmp_path / "ours.safetensors")
+    for k, v in arrs.items():
+        np.testing.assert_array_equal(g[k].astype(np.float32), v.astype(np.float32))
+    ref = load_file(tmp_path / "ref.safetensors")
+    np.testing.assert_array_equal(ref["a"], g["a"])
+
+
+# --------------------------------------------------------------------------------------------- T5X
+
+
+def _t5x_state(params, layout, step):
+    target = jax.tree.map(np.asarray, params)
+    state = {"step": np.asarray(step, np.int32),
+             "param_states": jax.tree.map(lambda x: np.zeros((1,), np.float32), target)}
+    return {"target": target, "state": state} if layout == "new" else {"optimizer": {"target": target,
+                                                                                     "state": state}}
+
+
+def _write_t5x(directory: pathlib.Path, state, ts_params=()):
+    """T5X checkpoint_N/checkpoint; names in ts_params are stored as tensorstore zarr arrays beside it."""
+    import tensorstore as ts
+    directory.mkdir(parents=True)
+    root = state["optimizer"] if "optimizer" in state else state
+    prefix = "optimizer.target" if "optimizer" in state else "target"
+    flat = traverse_util.flatten_dict(root["target"], sep="/")
+    for name in ts_params:
+        arr = flat[name]
+        rel = f"{prefix}.{name.replace('/', '.')}"
+        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": rel},
+                "metadata": {"shape": list(arr.shape), "chunks": list(arr.shape), "dtype": "<f4",
+                             "compressor": {"id": "gzip"}}}
+        store = ts.open({**spec, "kvstore": {"driver": "file", "path": str(directory / rel)}}, create=True).result()
+        store.write(arr).result()
+        flat[name] = spec
+    root["target"] = traverse_util.unflatten_dict(flat, sep="/")
+    (directory / "checkpoint").write_bytes(serialization.msgpack_serialize(state))
+    return directory
+
+
+@pytest.mark.parametrize("layout", ["new", "old"])
+def test_t5x_msgpack_both_layouts_with_tensorstore(tmp_path, tiny_config, params, layout):
+    ts_names = ["encoder/layers_0/mlp/wi_0/kernel", "decoder/logits_dense/kernel"]
+    _write_t5x(tmp_path / "model" / "checkpoint_1234", _t5x_state(params, layout, 1234), ts_names)
+    _write_t5x(tmp_path / "model" / "checkpoint_10", _t5x_state(jax.tree.map(np.zeros_like, params), layout, 10))
+    # A model dir resolves to the latest step.
+    src = readers.read_source(tmp_path / "model")
+    assert src.format == "t5x" and src.step == 1234
+    assert src.config == tiny_config.replace(relative_attention_max_distance=128)
+    _assert_same(src.params, params)
+    assert any("encoder.layers_0.mlp.wi_0.kernel" in f for f in src.files)
+
+
+def test_t5x_3d_kernels_and_gqa_shapes_inferred(tmp_path, tiny_config, params):
+    cfg = tiny_config.with_decoder_kv_heads(2)
+    p = jax.tree.map(np.array, init_params(cfg, jax.random.PRNGKey(1)))
+    state = _t5x_state(p, "new", 7)
+    att = state["target"]["decoder"]["layers_1"]["self_attention"]
+    att["query"]["kernel"] = att["query"]["kernel"].reshape(32, 4, 8)      # DenseGeneral [embed, heads, kv]
+    att["out"]["kernel"] = att["out"]["kernel"].reshape(4, 8, 32)
+    _write_t5x(tmp_path / "checkpoint_7", state)
+    src = readers.read_source(tmp_path / "checkpoint_7" / "checkpoint")
+    assert src.config == cfg and src.step == 7
+    _assert_same(src.params, p)
+
+
+def test_t5x_inconsistent_shapes_refused(tmp_path, params):
+    state = _t5x_state(params, "new", 1)
+    state["target"]["encoder"]["layers_0"]["attention"]["query"]["kernel"] = np.zeros((32, 30), np.float32)
+    _write_t5x(tmp_path / "checkpoint_1", state)
+    with pytest.raises(ValueError, match="query width 30 is not a multiple of the 4 heads"):
+        readers.read_source(tmp_path / "checkpoint_1")
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _run(capsys, *argv):
+    rc = main(list(map(str, argv)))
+    return rc, capsys.readouterr().err
+
+
+def test_convert_cli_hf_to_gqa_then_further(tmp_path, tiny_config, params, capsys):
+    write_hf_dir(tmp_path / "hf", tiny_config, params)
+    rc, err = _run(capsys, "convert", "--source", tmp_path / "hf", "--num-kv-heads", 2, "--output", tmp_path / "g2",
+                   "--no-progress")
+    assert rc == 0, err
+    conv = json.loads((tmp_path / "g2" / "conversion.json").read_text())
+    assert conv["method"] == "mean" and conv["num_kv_heads"] == 2 and conv["source_format"] == "hf"
+    assert conv["grouping"]["decoder/layers_0/self_attention"]["query_to_kv_head"] == [0, 0, 1, 1]
+    assert "encoder/layers_0/attention" not in conv["grouping"]  # paper default: encoder stays MHA
+    assert set(conv["source_sha256"]) == {str(tmp_path / "hf" / "config.json"),
+                                          str(tmp_path / "hf" / "model.safetensors")}
+    assert "jax" in conv["versions"]
+    from gqa_uptrain.checkpoint import load_params
+    from gqa_uptrain.convert import convert_params
+    loaded = load_params(tmp_path / "g2")
+    assert loaded.config == tiny_config.with_decoder_kv_heads(2)
+    want = convert_params(params, tiny_config, 2).params
+    _assert_same(loaded.params, traverse_util.unflatten_dict(want, sep="/"))
+    # Our own dir converts further (GQA-2 -> MQA); G must divide the current 2.
+    rc, err = _run(capsys, "convert", "--source", tmp_path / "g2", "--num-kv-heads", 1, "--output", tmp_path / "g1",
+                   "--no-progress")
+    assert rc == 0, err
+    assert load_params(tmp_path / "g1").config.dec_cross_kv_heads == 1
+    rc, err = _run(capsys, "convert", "--source", tmp_path / "g1", "--num-kv-heads", 2, "--output", tmp_path / "x",
+                   "--no-progress")
+    assert rc == 1 and "current decoder_self key/value head count 1" in err
+
+
+def _bad_case(tmp_path, tiny_config, params, case):
+    hf_dir = tmp_path / "hf"
+    if case == "missing_key":
+        write_hf_dir(hf_dir, tiny_config, params, drop=["decoder.block.1.layer.2.DenseReluDense.wo.weight"])
+        return hf_dir, "missing tensor 'decoder.block.1.layer.2.DenseReluDense.wo.weight'"
+    if case == "extra_key":
+        write_hf_dir(hf_dir, tiny_config, params, extra={"decoder.block.2.layer.0.layer_norm.weight": np.ones(32)})
+        return hf_dir, "unexpected tensor 'decoder.block.2.layer.0.layer_norm.weight'"
+    if case == "shape":
+        write_hf_dir(hf_dir, tiny_config, params, reshape={"encoder.block.1.layer.0.SelfAttention.k.weight": (24, 32)})
+        return hf_dir, "encoder.block.1.layer.0.SelfAttention.k.weight has shape (24, 32), expected (32, 32)"
+    write_hf_dir(hf_dir, tiny_config, params)
+    st = hf_dir / "model.safetensors"
+    raw = bytearray(st.read_bytes())
+    if case == "corrupt_header":
+        raw[10:20] = b"\x00garbage!!"
+        st.write_bytes(bytes(raw))
+        return hf_dir, f"{st}: corrupt safetensors header"
+    if case == "truncated":
+        st.write_bytes(bytes(raw[:-100]))
+        return hf_dir, "the file is truncated or the header is corrupt"
+    if case == "relu":
+        conf = json.loads((hf_dir / "config.json").read_text())
+        conf["feed_forward_proj"] = "relu"
+        (hf_dir / "config.json").write_text(json.dumps(conf))
+        return hf_dir, "feed_forward_proj='relu' is not supported"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing_key", "extra_key", "shape", "corrupt_header", "truncated", "relu"])
+def test_convert_cli_bad_sources(tmp_path, tiny_config, params, capsys, case):
+    source, msg = _bad_case(tmp_path, tiny_config, params, case)
+    rc, err = _run(capsys, "convert", "--source", source, "--num-kv-heads", 2, "--output", tmp_path / "out",
+                   "--no-progress")
+    assert rc == 1
+    assert msg in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary directory left behind
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--num-kv-heads", "3"], "--num-kv-heads 3 does not divide num_heads=4; valid values are [1, 2, 4]"),
+    (["--num-kv-heads", "8"], "--num-kv-heads 8 exceeds num_heads=4"),
+    (["--num-kv-heads", "2", "--source-format", "gguf"], "unknown --source-format 'gguf'"),
+    (["--num-kv-heads", "2", "--source-format", "t5x"], "no T5X 'checkpoint' file"),
+])
+def test_convert_cli_bad_arguments(tmp_path, tiny_config, params, capsys, argv, msg):
+    write_hf_dir(tmp_path / "hf", tiny_config, params)
+    rc, err = _run(capsys, "convert", "--source", tmp_path / "hf", "--output", tmp_path / "out", "--no-progress", *argv)
+    assert rc == 1 and msg in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_exists_without_overwrite(tmp_path, tiny_config, params, capsys):
+    write_hf_dir(tmp_path / "hf", tiny_config, params)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    rc, err = _run(capsys, "convert", "--source", tmp_path / "hf", "--num-kv-heads", 2, "--output", tmp_path / "out")
+    assert rc == 1 and "already exists (pass --overwrite" in err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+    rc, err = _run(capsys, "export", "--checkpoint", tmp_path / "hf", "--output", tmp_path / "out")
+    assert rc == 1 and "already exists" in err
+    rc, err = _run(capsys, "export", "--checkpoint", tmp_path / "hf", "--output", tmp_path / "e2", "--format", "onnx")
+    assert rc == 1 and "unknown export --format 'onnx'" in err and not (tmp_path / "e2").exists()
+
+
+def test_compare_prints_a_row_per_method(tmp_path, tiny_config, params, capsys):
+    write_hf_dir(tmp_path / "hf", tiny_config, params)
+    data = tmp_path / "val.jsonl"
+    r = np.random.RandomState(0)
+    data.write_text("".join(json.dumps({"inputs": r.randint(2, 96, 12).tolist(),
+                                        "targets": r.randint(2, 96, 6).tolist()}) + "\n" for _ in range(8)))
+    rc = main(["convert", "--source", str(tmp_path / "hf"), "--num-kv-heads", "1", "--compare", "--compare-data",
+               str(data), "--calibration", str(data), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line and line.split()[0] in
+             ("source", "mean", "first", "random", "align", "svd")}
+    assert set(lines) == {"source", "mean", "first", "random", "align", "svd"}
+    losses = {k: float(v[1] if k != "source" else v[2]) for k, v in lines.items()}
+    assert all(np.isfinite(list(losses.values())))
+    assert len(set(round(v, 6) for v in losses.values())) == 6  # methods differ
+    assert float(lines["svd"][4]) < float(lines["mean"][4])  # K error column
