@@ -282,8 +282,15 @@ def run(args: argparse.Namespace) -> int:
     }
     from flax import traverse_util
     t2 = time.time()
-    params = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in res.params.items()}, sep="/")
+    # orbax copies numpy leaves twice while saving but jax arrays once (measured: 1.9x vs 0.9x of the model), so
+    # move tensors to jax one at a time, dropping each numpy array as we go.
+    import jax
+    flat_out = res.params
     res.params = None
+    for k in list(flat_out):
+        flat_out[k] = jax.device_put(np.asarray(flat_out.pop(k)))
+    params = traverse_util.unflatten_dict(flat_out, sep="/")
+    del flat_out
     save_params(out, params, res.config, {"step": src.step, "source_step": src.step, "converted_from": src.format,
                                            "method": args.method},
                 overwrite=args.overwrite, extra_files={"conversion.json": json.dumps(record, indent=2) + "\n"})
