@@ -124,6 +124,10 @@ def _restore_args(config: ModelConfig):
     import orbax.checkpoint as ocp
     from gqa_uptrain.model import abstract_params
     abstract = nn.meta.unbox(abstract_params(config))
+    # Restore whole arrays onto this process's first device, whatever mesh a training run saved them with
+    # (otherwise orbax refuses a checkpoint written under a different device topology).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     return ocp.args.StandardRestore(abstract)
 
 
