@@ -31,8 +31,8 @@ EOS_ID = 1
 NEG_INF = -1.0e10
 
 __all__ = ["PAD_ID", "EOS_ID", "greedy_decode", "sample_decode", "beam_search", "BeamSearchOutput",
-           "filter_logits", "length_penalty", "prefill", "cache_bytes", "score_sequences", "sequence_mask",
-           "Generator"]
+           "filter_logits", "length_penalty", "prefill", "cache_bytes", "score_sequences", "token_scores",
+           "sequence_mask", "pad_batch", "Generator"]
 
 
 # ------------------------------------------------------------------------------------------ model calls
@@ -337,14 +337,14 @@ def beam_search(config: ModelConfig, params: Any, encoder_input_tokens: Any, max
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _score(params: Any, enc: Array, targets: Array, *, config: ModelConfig) -> Array:
+def _score(params: Any, enc: Array, targets: Array, *, config: ModelConfig) -> tuple[Array, Array]:
     model = Transformer(config)
     dec_in = jnp.concatenate([jnp.full((targets.shape[0], 1), PAD_ID, jnp.int32), targets[:, :-1]], axis=1)
     # No decoder_target_tokens: a 0 inside a hypothesis must not be treated as padding; causality already keeps
     # positions after the end from influencing earlier ones.
     logits = model.apply({"params": params}, enc, dec_in)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0]
+    return jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0], jnp.argmax(logits, -1).astype(jnp.int32)
 
 
 def score_sequences(config: ModelConfig, params: Any, encoder_input_tokens: Any, target_tokens: Any) -> Array:
@@ -352,6 +352,12 @@ def score_sequences(config: ModelConfig, params: Any, encoder_input_tokens: Any,
 
     Mask with `sequence_mask` (decoded hypotheses) or `target_tokens > 0` (padded references) before summing.
     """
+    return token_scores(config, params, encoder_input_tokens, target_tokens)[0]
+
+
+def token_scores(config: ModelConfig, params: Any, encoder_input_tokens: Any,
+                 target_tokens: Any) -> tuple[Array, Array]:
+    """Teacher-forced (log-prob of each target token [batch, tgt_len] f32, argmax prediction [batch, tgt_len])."""
     return _score(params, jnp.asarray(encoder_input_tokens, jnp.int32), jnp.asarray(target_tokens, jnp.int32),
                   config=config)
 
@@ -373,6 +379,19 @@ def _bucket(n: int, minimum: int = 8) -> int:
     while size < n:
         size *= 2
     return size
+
+
+def pad_batch(rows: Sequence[Sequence[int]], max_length: int | None = None) -> np.ndarray:
+    """Token id lists -> int32 [batch, width] padded with 0; width is the longest row rounded up to a power of
+    two (at least 8), capped at max_length (longer rows are truncated)."""
+    width = _bucket(max(len(r) for r in rows))
+    if max_length is not None:
+        width = min(width, max_length)
+    out = np.zeros((len(rows), width), np.int32)
+    for r, ids in enumerate(rows):
+        ids = list(ids)[:width]
+        out[r, : len(ids)] = ids
+    return out
 
 
 class Generator:
@@ -400,11 +419,7 @@ class Generator:
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
         """texts -> int32 [batch, bucketed src_len] with EOS appended and 0 padding."""
         ids = [list(self.vocabulary.encode(t))[: self.max_input_length - 1] + [EOS_ID] for t in texts]
-        width = min(_bucket(max(len(x) for x in ids)), max(self.max_input_length, 1))
-        out = np.zeros((len(ids), width), np.int32)
-        for r, x in enumerate(ids):
-            out[r, : len(x)] = x
-        return out
+        return pad_batch(ids, self.max_input_length)
 
     def generate_tokens(self, encoder_input_tokens: Any) -> np.ndarray:
         """[batch, src_len] -> output ids [batch, max_decode_length] with the configured method."""
