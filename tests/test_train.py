@@ -253,3 +253,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with ocp.CheckpointManager(tmp_path / "nan" / "checkpoints") as mngr:
         steps = mngr.all_steps()
     assert steps and max(steps) < 6
+
+
+def test_inspect_reports_adafactor_state_and_activations(capsys):
+    import re
+
+    from gqa_uptrain.cli import main
+    assert main(["inspect", "--gin_file=models/t5_1_1/small.gin", "--mesh", "data=2,fsdp=2,model=2", "--summary",
+                 "--batch_size=64", "--inputs_length=128", "--targets_length=32"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"adafactor state per device [\d.]+ (KiB|MiB)", out), out
+    assert "activations per device ~" in out and "training total per device ~" in out
+    from gqa_uptrain.cli.inspect_cmd import activation_bytes_per_device
+    small = ModelConfig(vocab_size=32128, d_model=512, num_heads=6, head_dim=64, d_ff=1024)
+    a1 = activation_bytes_per_device(small, {"data": 2}, 64, 128, 32)
+    assert activation_bytes_per_device(small, {"data": 4}, 64, 128, 32) == pytest.approx(a1 / 2)
+    assert activation_bytes_per_device(small, {"data": 2}, 64, 128, 32, num_microbatches=4) == pytest.approx(a1 / 4)

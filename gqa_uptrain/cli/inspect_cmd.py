@@ -17,6 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", default="", metavar="data=D,fsdp=F,model=M",
                         help="also report per-device parameter bytes under this mesh and the default sharding rules")
     parser.add_argument("--summary", action="store_true", help="print totals only, not every parameter")
+    t = parser.add_argument_group("training memory (with --mesh)")
+    t.add_argument("--batch_size", type=int, default=2048, help="global training batch for the activation estimate")
+    t.add_argument("--inputs_length", type=int, default=512, help="encoder length for the activation estimate")
+    t.add_argument("--targets_length", type=int, default=114, help="decoder length for the activation estimate")
+    t.add_argument("--num_microbatches", type=int, default=1, help="gradient-accumulation microbatches")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -25,6 +30,47 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return str(n)
+
+
+def activation_bytes_per_device(cfg, mesh_shape, batch_size: int, inputs_length: int, targets_length: int,
+                                num_microbatches: int = 1) -> float:
+    """Rough bytes of activations kept for the backward pass on one device (no rematerialisation).
+
+    Assumes: per-device microbatch b = batch_size / (data*fsdp) / num_microbatches; activations in cfg.dtype,
+    logits/softmax in float32; tensors with a heads / d_ff / vocab axis split over `model`. Per token and layer it
+    counts ~8 d_model-wide tensors (residual, norms, attention in/out, MLP in/out), q/k/v/attention-output
+    (heads*head_dim each), 3 d_ff-wide MLP tensors, and attention scores + probabilities (heads * key length);
+    decoder layers add cross-attention. Logits count twice (logits and their gradient). Ignores XLA temporaries.
+    """
+    dt = 4 if cfg.dtype == "float32" else 2
+    m = mesh_shape.get("model", 1)
+    b = batch_size / (mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)) / num_microbatches
+    hd = cfg.num_heads * cfg.head_dim / m
+    li, lt = inputs_length, targets_length
+    enc = li * (8 * cfg.d_model + 4 * hd + 3 * cfg.d_ff / m + 2 * cfg.num_heads / m * li) * dt
+    dec = lt * (12 * cfg.d_model + 8 * hd + 3 * cfg.d_ff / m + 2 * cfg.num_heads / m * (lt + li)) * dt
+    logits = lt * cfg.vocab_size / m * 4 * 2
+    return b * (cfg.num_encoder_layers * enc + cfg.num_decoder_layers * dec + logits)
+
+
+def _training_memory(args, cfg, boxed, mesh_shape, param_bytes: int) -> None:
+    import flax.linen as nn
+
+    from gqa_uptrain import sharding
+    from gqa_uptrain.optim import OptimizerConfig, make_optimizer, opt_state_bytes_per_device
+    shapes = nn.meta.unbox(boxed)
+    specs = sharding.param_partition_specs(boxed, mesh_shape)
+    opt_dev, opt_total = opt_state_bytes_per_device(make_optimizer(OptimizerConfig()), specs, shapes, mesh_shape)
+    act = activation_bytes_per_device(cfg, mesh_shape, args.batch_size, args.inputs_length, args.targets_length,
+                                      args.num_microbatches)
+    grads = param_bytes  # gradients (accumulator) have the parameters' shardings
+    print(f"adafactor state per device {_fmt_bytes(opt_dev)} (of {_fmt_bytes(opt_total)} total; factored second "
+          f"moments, jax.eval_shape of optimizer.init with shardings derived from the parameters')")
+    print(f"activations per device ~{_fmt_bytes(act)} (estimate: batch {args.batch_size}, lengths "
+          f"{args.inputs_length}/{args.targets_length}, {args.num_microbatches} microbatch(es), {cfg.dtype}, no "
+          f"remat; see activation_bytes_per_device)")
+    print(f"training total per device ~{_fmt_bytes(param_bytes + grads + opt_dev + act)} "
+          f"(params + gradients + optimizer state + activations)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,5 +128,6 @@ def run(args: argparse.Namespace) -> int:
     if mesh_shape:
         print(f"mesh {mesh_shape}: parameters per device {_fmt_bytes(per_device)} "
               f"(of {_fmt_bytes(total * 4)} total)")
+        _training_memory(args, cfg, boxed, mesh_shape, per_device)
     del jax
     return 0
