@@ -23,7 +23,7 @@ class ModelConfig:
 
     Head counts: every attention kind has `num_heads` query heads; the number of key/value heads is set per kind.
     Query head i uses key/value head i // (num_heads // num_kv_heads) (contiguous groups, as HF `repeat_kv`).
-    A `None` kv-head count means "same as num_heads" (multi-head attention).
+    A `None` kv-head count means "same as num_heads" (multi-head attention) and is stored as num_heads.
     """
 
     vocab_size: int = 32128
@@ -66,6 +66,10 @@ class ModelConfig:
                 raise ConfigError(
                     f"ModelConfig.{kind}={g} does not divide num_heads={self.num_heads}; "
                     f"valid key/value head counts are {divisors}")
+        # Canonical form: None (MHA) is stored as num_heads so equal models compare and serialise equal.
+        for kind in ("encoder_kv_heads", "decoder_self_kv_heads", "decoder_cross_kv_heads"):
+            if getattr(self, kind) is None:
+                object.__setattr__(self, kind, self.num_heads)
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
         for name in ("dtype", "param_dtype"):

@@ -25,8 +25,8 @@ import pathlib
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
-import seqio
-import tensorflow as tf
+
+from gqa_uptrain.tf_quiet import seqio, tf  # noqa: E402  (TF/seqio imported without start-up noise)
 
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
 VOCAB_PATH = ASSETS_DIR / "vocab" / "spm.model"

@@ -44,7 +44,7 @@ class TensorBoardWriter:
     """Scalars to `logdir/<split>/events.*` via tf.summary (TensorFlow is already loaded by seqio)."""
 
     def __init__(self, logdir: str | os.PathLike):
-        import tensorflow as tf
+        from gqa_uptrain.tf_quiet import tf
         self._tf = tf
         self._logdir = pathlib.Path(logdir)
         self._writers: dict[str, Any] = {}

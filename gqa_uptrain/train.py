@@ -147,9 +147,8 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
 
 
 def _check_task(name: str) -> None:
-    import seqio
-
-    from gqa_uptrain import data  # noqa: F401  registers the bundled tasks
+    from gqa_uptrain import data  # registers the bundled tasks; imports seqio/TF quietly
+    seqio = data.seqio
     if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
         known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
         raise ValueError(f"seqio task or mixture {name!r} is not registered (MIXTURE_OR_TASK_NAME); "

@@ -8,7 +8,10 @@ import os
 import sys
 from typing import Sequence
 
-from gqa_uptrain.gin_utils import split_gin_overrides
+# Before anything imports TensorFlow (seqio's input pipelines): its C++ logging would bury our output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from gqa_uptrain.gin_utils import split_gin_overrides  # noqa: E402
 
 # Order is the order shown in --help: the flow a user walks.
 COMMANDS = ("demo", "inspect", "convert", "export", "train", "infer", "eval", "bench", "sweep")

@@ -85,21 +85,71 @@ def train_config_from_gin(progress: bool = True):
     return cfg if progress else dataclasses.replace(cfg, progress=False)
 
 
+# Fields that may legitimately differ between a checkpoint and the run that continues it.
+_RUNTIME_FIELDS = ("dropout_rate", "dtype", "param_dtype")
+
+
+def resolve_model_config(tcfg):
+    """The model config for this run.
+
+    Without a model gin file, the architecture comes from MODEL_DIR (when resuming) or INITIAL_CHECKPOINT, with
+    DROPOUT_RATE / ACTIVATION_DTYPE macros applied when the run file sets them (finetune.gin does). With a model
+    gin file, it must describe the same architecture as that checkpoint.
+    """
+    import dataclasses
+    import pathlib
+
+    import gin
+
+    from gqa_uptrain import checkpoint, gin_utils
+    source = None
+    for d in (tcfg.model_dir, tcfg.initial_checkpoint):
+        if d and (pathlib.Path(d) / checkpoint.CONFIG_FILE).exists():
+            source = (d, checkpoint.read_config(d))
+            break
+    try:
+        gin.query_parameter("ModelConfig.d_model")
+        bound = True
+    except ValueError:
+        bound = False
+    if bound:
+        mcfg = gin_utils.model_config_from_gin()
+        if source:
+            d, scfg = source
+            diff = [f.name for f in dataclasses.fields(scfg) if f.name not in _RUNTIME_FIELDS
+                    and getattr(scfg, f.name) != getattr(mcfg, f.name)]
+            if diff:
+                k = diff[0]
+                raise ValueError(f"{d}/config.json has {k}={getattr(scfg, k)!r} but the gin model config has "
+                                 f"{getattr(mcfg, k)!r} (differing: {', '.join(diff)}); drop the model gin file "
+                                 "to take the architecture from the checkpoint, or fix the override")
+        return mcfg
+    if source is None:
+        raise ValueError("no model config: pass a model gin file (e.g. --gin_file=models/t5_1_1/tiny.gin) or an "
+                         "INITIAL_CHECKPOINT / MODEL_DIR that has a config.json")
+    mcfg = source[1]
+    for macro, field in (("DROPOUT_RATE", "dropout_rate"), ("ACTIVATION_DTYPE", "dtype")):
+        try:
+            mcfg = mcfg.replace(**{field: gin.query_parameter(f"%{macro}")})
+        except ValueError:
+            pass
+    return mcfg
+
+
 def run(args: argparse.Namespace) -> int:
     if args.coordinator_address or args.distributed or args.cpu_devices:
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.cpu_devices)
     register_gin()
-    from gqa_uptrain.cli.common import model_config
+    from gqa_uptrain.cli.common import load_gin
     if not args.gin_file:
-        raise ValueError("train needs a model file and a run file, e.g. --gin_file=models/t5_1_1/tiny.gin "
-                         "--gin_file=runs/pretrain.gin")
-    mcfg = model_config(args)
-    import gin
+        raise ValueError("train needs a run file (and a model file when starting from scratch), e.g. "
+                         "--gin_file=models/t5_1_1/tiny.gin --gin_file=runs/pretrain.gin")
+    load_gin(args)
     try:
         tcfg = train_config_from_gin(progress=not args.no_progress)
     except (ValueError, TypeError) as e:
         raise ValueError(str(e).splitlines()[0]) from None
-    del gin
+    mcfg = resolve_model_config(tcfg)
 
     import jax
 
