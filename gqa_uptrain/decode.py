@@ -30,7 +30,7 @@ EOS_ID = 1
 # Finite so that arithmetic on masked entries (sums, divisions by the length penalty) never makes NaNs.
 NEG_INF = -1.0e10
 
-__all__ = ["PAD_ID", "EOS_ID", "greedy_decode", "sample_decode", "beam_search", "BeamSearchOutput",
+__all__ = ["PAD_ID", "EOS_ID", "greedy_decode", "greedy_decode_from_encoded", "sample_decode", "beam_search", "BeamSearchOutput",
            "filter_logits", "length_penalty", "prefill", "cache_bytes", "score_sequences", "token_scores",
            "sequence_mask", "pad_batch", "Generator"]
 
@@ -119,18 +119,33 @@ def length_penalty(length: Array | int, alpha: float) -> Array:
 # ------------------------------------------------------------------------- greedy / sampling loop
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "eos_id", "sample", "return_logits"))
+_LOOP_STATIC = ("config", "max_decode_length", "eos_id", "sample", "return_logits")
+
+
+@functools.partial(jax.jit, static_argnames=_LOOP_STATIC)
 def _decode_loop(params: Any, encoder_input_tokens: Array, rng: Array, temperature: Array, top_k: Array,
-                 top_p: Array, *, config: ModelConfig, max_decode_length: int, eos_id: int | None, sample: bool,
-                 return_logits: bool) -> tuple[Array, Array | None]:
-    """tokens [batch, L] (and per-step logits [batch, L, vocab] when return_logits).
+                 top_p: Array, **static) -> tuple[Array, Array | None]:
+    """Encoder once, then the cached loop: tokens [batch, L] (and logits [batch, L, vocab] if return_logits)."""
+    encoded = _encode(Transformer(static["config"]), params, encoder_input_tokens)
+    return _loop(params, encoded, encoder_input_tokens, rng, temperature, top_k, top_p, **static)
+
+
+@functools.partial(jax.jit, static_argnames=_LOOP_STATIC)
+def _decode_loop_from_encoded(params: Any, encoded: Array, encoder_input_tokens: Array, rng: Array,
+                              temperature: Array, top_k: Array, top_p: Array, **static) -> tuple[Array, Array | None]:
+    return _loop(params, encoded, encoder_input_tokens, rng, temperature, top_k, top_p, **static)
+
+
+def _loop(params: Any, encoded: Array, encoder_input_tokens: Array, rng: Array, temperature: Array, top_k: Array,
+          top_p: Array, *, config: ModelConfig, max_decode_length: int, eos_id: int | None, sample: bool,
+          return_logits: bool) -> tuple[Array, Array | None]:
+    """Prefill + while_loop over the cache (traced inside a jit).
 
     sample=False: argmax. sample=True: temperature / top_k / top_p are traced scalars (one compile for all).
     """
     model = Transformer(config)
     enc = encoder_input_tokens
     b, length = enc.shape[0], max_decode_length
-    encoded = _encode(model, params, enc)
     logits, cache = _prefill(model, params, encoded, enc, length)
 
     def choose(logits: Array, key: Array) -> Array:
@@ -193,6 +208,17 @@ def greedy_decode(config: ModelConfig, params: Any, encoder_input_tokens: Any, m
                                   max_decode_length=max_decode_length, eos_id=eos_id, sample=False,
                                   return_logits=return_logits)
     return (tokens, logits) if return_logits else tokens
+
+
+def greedy_decode_from_encoded(config: ModelConfig, params: Any, encoded: Array, encoder_input_tokens: Any,
+                               max_decode_length: int, eos_id: int | None = EOS_ID) -> Array:
+    """Greedy decoding given the encoder output encoded [batch, src_len, d_model] (e.g. to time the decoder
+    alone). Returns tokens [batch, max_decode_length]."""
+    enc = _check_inputs(config, encoder_input_tokens, max_decode_length)
+    tokens, _ = _decode_loop_from_encoded(params, encoded, enc, jax.random.PRNGKey(0), 0.0, 0, 1.0, config=config,
+                                          max_decode_length=max_decode_length, eos_id=eos_id, sample=False,
+                                          return_logits=False)
+    return tokens
 
 
 def sample_decode(config: ModelConfig, params: Any, encoder_input_tokens: Any, max_decode_length: int,
