@@ -11,7 +11,7 @@ Layout:
   ROOT/runs/<run_id>/train/           gqa-uptrain train MODEL_DIR (α > 0)
   ROOT/runs/<run_id>/eval.json        gqa-uptrain eval output
   ROOT/runs/<run_id>/<stage>.log      each stage's output
-  ROOT/bench/kv<G>.json               time per sample for each G (model shape only; shared by runs)
+  ROOT/bench/kv<G>/decode_*.json      time per sample for each G (model shape only; shared by runs)
   ROOT/results.csv, results.md, *.png the aggregation
 """
 from __future__ import annotations
@@ -125,7 +125,8 @@ def run_stages(cfg: SweepConfig, root: pathlib.Path, run: Run, original_steps: i
         if original_steps is not None:
             bindings.append(f"--gin.ORIGINAL_STEPS={original_steps}")
         stages.append(Stage("train", _cli() + [
-            "train", f"--gin_file={cfg.model_gin_file}", f"--gin_file={cfg.train_gin_file}", *bindings,
+            # No model file: the trainer takes the architecture from the converted checkpoint.
+            "train", f"--gin_file={cfg.train_gin_file}", *bindings,
             *cfg.train_bindings], d / "train.done", d / "train.log"))
         final = model_dir
     stages.append(Stage("eval", _cli() + [
@@ -140,10 +141,19 @@ def run_stages(cfg: SweepConfig, root: pathlib.Path, run: Run, original_steps: i
 
 
 def bench_stage(cfg: SweepConfig, root: pathlib.Path, kv_heads: int) -> Stage:
-    out = root / "bench" / f"kv{kv_heads}.json"
+    out = root / "bench" / f"kv{kv_heads}"
     return Stage("bench", _cli() + ["bench", "decode", f"--gin_file={cfg.model_gin_file}", "--kv-heads",
-                                    str(kv_heads), "--json", str(out), *cfg.bench_args],
-                 out, root / "bench" / f"kv{kv_heads}.log")
+                                    str(kv_heads), "--out", str(out), "--no-hf", *cfg.bench_args],
+                 out / "done", root / "bench" / f"kv{kv_heads}.log")
+
+
+def read_bench(root: pathlib.Path, kv_heads: int) -> dict[str, float]:
+    """The decode benchmark row for one G (written by `gqa-uptrain bench decode --out`)."""
+    for f in sorted((root / "bench" / f"kv{kv_heads}").glob("decode_*.json")):
+        for row in json.loads(f.read_text()).get("ours", []):
+            if int(row.get("kv_heads", -1)) == kv_heads:
+                return _flatten_metrics(row)
+    return {}
 
 
 def _source_info(path: str) -> tuple[int, int | None]:
@@ -228,9 +238,7 @@ def collect_rows(root: pathlib.Path) -> list[dict[str, Any]]:
     cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
     bench = {}
     for g in cfg.num_kv_heads:
-        p = root / "bench" / f"kv{g}.json"
-        if p.exists():
-            bench[g] = _flatten_metrics(json.loads(p.read_text()))
+        bench[g] = read_bench(root, g)
     rows = []
     for run in expand_grid(cfg, spec["num_heads"]):
         d = root / "runs" / run.run_id
@@ -294,7 +302,7 @@ def aggregate(root: str | os.PathLike, metric: str | None = None) -> list[dict[s
 
 
 def _default_metric(rows: Sequence[dict[str, Any]]) -> str:
-    for k in ("eval.loss", "eval.eval_loss"):
+    for k in ("eval.metrics.loss", "eval.loss"):
         if any(k in r for r in rows):
             return k
     cands = sorted(k for r in rows for k in r if k.startswith("eval."))

@@ -85,3 +85,11 @@ def test_every_subcommand_has_help(cmd, capsys):
         main([cmd, "--help"])
     assert e.value.code == 0
     assert "usage: gqa-uptrain" in capsys.readouterr().out
+
+
+def test_flags_accept_dash_or_underscore():
+    from gqa_uptrain.cli import build_parser, normalize_flag_spelling, _option_strings
+    known = _option_strings(build_parser())
+    assert normalize_flag_spelling(["convert", "--num_kv_heads=2", "--source-format", "hf", "--gin.A_B=1"], known) == [
+        "convert", "--num-kv-heads=2", "--source-format", "hf", "--gin.A_B=1"]
+    assert normalize_flag_spelling(["inspect", "--gin-file=x"], known) == ["inspect", "--gin_file=x"]

@@ -53,10 +53,11 @@ def _fake_sweep(root: pathlib.Path, losses: dict[str, float], tps: dict[int, flo
     for run_id, loss in losses.items():
         d = root / "runs" / run_id
         d.mkdir(parents=True)
-        (d / "eval.json").write_text(json.dumps({"loss": loss, "accuracy": 0.5}))
-    (root / "bench").mkdir()
+        (d / "eval.json").write_text(json.dumps({"metrics": {"loss": loss, "token_accuracy": 50.0}}))
     for g, t in tps.items():
-        (root / "bench" / f"kv{g}.json").write_text(json.dumps({"time_per_sample_s": t}))
+        (root / "bench" / f"kv{g}").mkdir(parents=True)
+        (root / "bench" / f"kv{g}" / "decode_x.json").write_text(
+            json.dumps({"ours": [{"kv_heads": g, "time_per_sample_s": t}]}))
 
 
 def test_aggregate_tables_mean_and_spread(tmp_path):
@@ -66,7 +67,7 @@ def test_aggregate_tables_mean_and_spread(tmp_path):
     _fake_sweep(root, losses, {1: 0.1, 4: 0.3})
     rows = aggregate(root)
     assert len(rows) == len(losses)
-    s = {(x["kv_heads"], x["method"], x["alpha"]): x for x in summarise(rows, "eval.loss")}
+    s = {(x["kv_heads"], x["method"], x["alpha"]): x for x in summarise(rows, "eval.metrics.loss")}
     assert s[(1, "mean", 0.1)]["mean"] == pytest.approx(2.5)
     assert s[(1, "mean", 0.1)]["std"] == pytest.approx(0.7071, abs=1e-4)
     assert s[(1, "first", 0.1)]["std"] == 0.0 and s[(4, "mean", 0.1)]["n"] == 2
@@ -74,7 +75,7 @@ def test_aggregate_tables_mean_and_spread(tmp_path):
     assert "| MQA | mean | 0.1 | 2 | 2.5000 | 0.7071 |" in md
     assert "| MHA | 0.3000 |" in md
     header = (root / "results.csv").read_text().splitlines()[0].split(",")
-    assert {"run_id", "kv_heads", "eval.loss", "bench.time_per_sample_s"} <= set(header)
+    assert {"run_id", "kv_heads", "eval.metrics.loss", "bench.time_per_sample_s"} <= set(header)
     for png in ("quality_vs_time.png", "time_vs_groups.png", "methods.png", "quality_vs_alpha.png"):
         assert (root / png).stat().st_size > 1000
 

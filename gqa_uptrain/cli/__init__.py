@@ -16,7 +16,8 @@ from gqa_uptrain.gin_utils import split_gin_overrides  # noqa: E402
 # Order is the order shown in --help: the flow a user walks.
 COMMANDS = ("demo", "inspect", "convert", "export", "train", "infer", "eval", "bench", "sweep")
 
-EPILOG = """gin: every command that builds a model takes --gin_file=FILE (repeatable; searched in ./ and the repo's
+EPILOG = """Flags may be spelled with - or _ (--num-kv-heads = --num_kv_heads).
+gin: every command that builds a model takes --gin_file=FILE (repeatable; searched in ./ and the repo's
 configs/) and T5X-style overrides --gin.NAME=VALUE, e.g.
   gqa-uptrain inspect --gin_file=models/t5_1_1/xxl.gin --gin.NUM_KV_HEADS=8
 Strings may be given unquoted (--gin.MODEL_DIR=/tmp/run)."""
@@ -40,6 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    out: set[str] = set()
+    for action in parser._actions:
+        out.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _option_strings(sub)
+    return out
+
+
+def normalize_flag_spelling(argv: list[str], known: set[str]) -> list[str]:
+    """Accept --foo-bar and --foo_bar alike (the issues' and T5X's spellings differ)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and not arg.startswith("--gin."):
+            name, eq, value = arg.partition("=")
+            if name not in known:
+                for alt in (name.replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                    if alt in known:
+                        name = alt
+                        break
+            arg = name + eq + value
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -47,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         print(e, file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(normalize_flag_spelling(argv, _option_strings(parser)))
     args.gin_bindings = bindings
     debug = os.environ.get("GQA_UPTRAIN_DEBUG") == "1"
     try:
