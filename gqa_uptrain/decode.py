@@ -119,25 +119,30 @@ def length_penalty(length: Array | int, alpha: float) -> Array:
 # ------------------------------------------------------------------------- greedy / sampling loop
 
 
-_LOOP_STATIC = ("config", "max_decode_length", "eos_id", "sample", "return_logits")
+_LOOP_STATIC = ("config", "max_decode_length", "sample", "return_logits")
 
 
 @functools.partial(jax.jit, static_argnames=_LOOP_STATIC)
-def _decode_loop(params: Any, encoder_input_tokens: Array, rng: Array, temperature: Array, top_k: Array,
-                 top_p: Array, **static) -> tuple[Array, Array | None]:
+def _decode_loop(params: Any, encoder_input_tokens: Array, rng: Array, eos_id: Array, temperature: Array,
+                 top_k: Array, top_p: Array, **static) -> tuple[Array, Array | None]:
     """Encoder once, then the cached loop: tokens [batch, L] (and logits [batch, L, vocab] if return_logits)."""
     encoded = _encode(Transformer(static["config"]), params, encoder_input_tokens)
-    return _loop(params, encoded, encoder_input_tokens, rng, temperature, top_k, top_p, **static)
+    return _loop(params, encoded, encoder_input_tokens, rng, eos_id, temperature, top_k, top_p, **static)
 
 
 @functools.partial(jax.jit, static_argnames=_LOOP_STATIC)
-def _decode_loop_from_encoded(params: Any, encoded: Array, encoder_input_tokens: Array, rng: Array,
+def _decode_loop_from_encoded(params: Any, encoded: Array, encoder_input_tokens: Array, rng: Array, eos_id: Array,
                               temperature: Array, top_k: Array, top_p: Array, **static) -> tuple[Array, Array | None]:
-    return _loop(params, encoded, encoder_input_tokens, rng, temperature, top_k, top_p, **static)
+    return _loop(params, encoded, encoder_input_tokens, rng, eos_id, temperature, top_k, top_p, **static)
 
 
-def _loop(params: Any, encoded: Array, encoder_input_tokens: Array, rng: Array, temperature: Array, top_k: Array,
-          top_p: Array, *, config: ModelConfig, max_decode_length: int, eos_id: int | None, sample: bool,
+def _eos_array(eos_id: int | None) -> Array:
+    # EOS is traced (one compilation for every EOS id); -1 never matches a token, so None decodes to the end.
+    return jnp.int32(-1 if eos_id is None else eos_id)
+
+
+def _loop(params: Any, encoded: Array, encoder_input_tokens: Array, rng: Array, eos_id: Array, temperature: Array,
+          top_k: Array, top_p: Array, *, config: ModelConfig, max_decode_length: int, sample: bool,
           return_logits: bool) -> tuple[Array, Array | None]:
     """Prefill + while_loop over the cache (traced inside a jit).
 
@@ -160,8 +165,7 @@ def _loop(params: Any, encoded: Array, encoder_input_tokens: Array, rng: Array, 
         key, sub = jax.random.split(key)
         tok = jnp.where(finished, PAD_ID, choose(logits, sub))
         tokens = tokens.at[:, i].set(tok)
-        if eos_id is not None:
-            finished = finished | (tok == eos_id)
+        finished = finished | (tok == eos_id)
         if return_logits:
             all_logits = all_logits.at[:, i].set(logits)
         return tokens, finished, all_logits, key
@@ -204,8 +208,8 @@ def greedy_decode(config: ModelConfig, params: Any, encoder_input_tokens: Any, m
     [batch, max_decode_length, vocab] f32 each token was chosen from (rows after their EOS: undefined).
     """
     enc = _check_inputs(config, encoder_input_tokens, max_decode_length)
-    tokens, logits = _decode_loop(params, enc, jax.random.PRNGKey(0), 0.0, 0, 1.0, config=config,
-                                  max_decode_length=max_decode_length, eos_id=eos_id, sample=False,
+    tokens, logits = _decode_loop(params, enc, jax.random.PRNGKey(0), _eos_array(eos_id), 0.0, 0, 1.0,
+                                  config=config, max_decode_length=max_decode_length, sample=False,
                                   return_logits=return_logits)
     return (tokens, logits) if return_logits else tokens
 
@@ -215,8 +219,8 @@ def greedy_decode_from_encoded(config: ModelConfig, params: Any, encoded: Array,
     """Greedy decoding given the encoder output encoded [batch, src_len, d_model] (e.g. to time the decoder
     alone). Returns tokens [batch, max_decode_length]."""
     enc = _check_inputs(config, encoder_input_tokens, max_decode_length)
-    tokens, _ = _decode_loop_from_encoded(params, encoded, enc, jax.random.PRNGKey(0), 0.0, 0, 1.0, config=config,
-                                          max_decode_length=max_decode_length, eos_id=eos_id, sample=False,
+    tokens, _ = _decode_loop_from_encoded(params, encoded, enc, jax.random.PRNGKey(0), _eos_array(eos_id), 0.0, 0,
+                                          1.0, config=config, max_decode_length=max_decode_length, sample=False,
                                           return_logits=False)
     return tokens
 
@@ -231,8 +235,8 @@ def sample_decode(config: ModelConfig, params: Any, encoder_input_tokens: Any, m
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     enc = _check_inputs(config, encoder_input_tokens, max_decode_length)
-    tokens, _ = _decode_loop(params, enc, rng, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                             config=config, max_decode_length=max_decode_length, eos_id=eos_id, sample=True,
+    tokens, _ = _decode_loop(params, enc, rng, _eos_array(eos_id), jnp.float32(temperature), jnp.int32(top_k),
+                             jnp.float32(top_p), config=config, max_decode_length=max_decode_length, sample=True,
                              return_logits=False)
     return tokens
 
@@ -267,9 +271,9 @@ def _reorder_cache(cache: Any, flat_index: Array) -> Any:
     return jax.tree_util.tree_map_with_path(fix, cache)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "num_beams", "eos_id"))
-def _beam_search(params: Any, encoder_input_tokens: Array, alpha: Array, *, config: ModelConfig,
-                 max_decode_length: int, num_beams: int, eos_id: int | None) -> BeamSearchOutput:
+@functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "num_beams"))
+def _beam_search(params: Any, encoder_input_tokens: Array, alpha: Array, eos: Array, *, config: ModelConfig,
+                 max_decode_length: int, num_beams: int) -> BeamSearchOutput:
     model = Transformer(config)
     b, k, length, vocab = encoder_input_tokens.shape[0], num_beams, max_decode_length, config.vocab_size
     enc = encoder_input_tokens
@@ -278,7 +282,6 @@ def _beam_search(params: Any, encoder_input_tokens: Array, alpha: Array, *, conf
     # Beams live in the batch dimension: row r, beam j -> r * k + j. Prefill once per row, then copy.
     tile = lambda x: jnp.repeat(x, k, axis=0) if x.ndim > 0 else x  # noqa: E731
     cache, encoded, enc, logits = jax.tree.map(tile, (cache, encoded, enc, logits))
-    eos = -1 if eos_id is None else eos_id
 
     def select(i, logits, st):
         alive_seqs, alive_logp, fin_seqs, fin_scores, fin_flags, cache = st
@@ -355,8 +358,8 @@ def beam_search(config: ModelConfig, params: Any, encoder_input_tokens: Any, max
     if 2 * num_beams > num_beams * config.vocab_size:
         raise ValueError(f"vocab_size={config.vocab_size} is too small for beam search")
     enc = _check_inputs(config, encoder_input_tokens, max_decode_length)
-    return _beam_search(params, enc, jnp.float32(alpha), config=config, max_decode_length=max_decode_length,
-                        num_beams=num_beams, eos_id=eos_id)
+    return _beam_search(params, enc, jnp.float32(alpha), _eos_array(eos_id), config=config,
+                        max_decode_length=max_decode_length, num_beams=num_beams)
 
 
 # ------------------------------------------------------------------------------------------- scoring
