@@ -162,6 +162,10 @@ def _source_info(path: str) -> tuple[int, int | None]:
     manifest = pathlib.Path(path) / MANIFEST_FILE
     meta = json.loads(manifest.read_text()) if manifest.exists() else {}
     step = meta.get("step") or meta.get("original_steps")
+    run_dir = pathlib.Path(path) / "checkpoints"
+    if step is None and run_dir.is_dir():  # a training MODEL_DIR: its latest complete step
+        steps = [int(p.name) for p in run_dir.iterdir() if p.name.isdigit()]
+        step = max(steps) if steps else None
     return cfg.num_heads, (int(step) if step is not None else None)
 
 
