@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import pathlib
 import re
 from typing import Sequence
@@ -66,28 +65,26 @@ def _parse_binding(binding: str) -> None:
             raise ValueError(f"bad gin binding {binding!r}: {e}") from None
 
 
-class _DropPathNotFound(logging.Filter):
-    # gin's resource reader logs an ERROR for every search path that misses, even when a later one hits.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Path not found")
-
-
 @contextlib.contextmanager
-def _quiet_search():
-    f = _DropPathNotFound()
-    logging.getLogger().addFilter(f)
+def _plain_file_search():
+    """Search gin files on the filesystem only. gin also registers a python-resource reader that logs an ERROR for
+    every search path that misses and crashes on namespace packages (e.g. a `configs/` dir on sys.path)."""
+    import gin.config as gin_config
+    saved = list(gin_config._FILE_READERS)
+    gin_config._FILE_READERS[:] = saved[:1]  # (open, os.path.isfile)
     try:
         yield
     finally:
-        logging.getLogger().removeFilter(f)
+        gin_config._FILE_READERS[:] = saved
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
     """Clear gin, then load files (searched in `search_paths`, the repo's configs/ and cwd) and bindings."""
     gin.clear_config()
-    for p in [*search_paths, str(REPO_CONFIG_DIR), "."]:
+    # configs/ and the repo root: both 'models/t5_1_1/xxl.gin' and 'configs/models/t5_1_1/xxl.gin' resolve anywhere.
+    for p in [*search_paths, str(REPO_CONFIG_DIR), str(REPO_CONFIG_DIR.parent), "."]:
         gin.add_config_file_search_path(p)
-    with _quiet_search():
+    with _plain_file_search():
         _parse_files_and_bindings(gin_files, bindings, search_paths)
 
 
@@ -95,7 +92,7 @@ def _parse_files_and_bindings(gin_files: Sequence[str], bindings: Sequence[str],
     for f in gin_files:
         path = pathlib.Path(f)
         if not path.exists() and not any((pathlib.Path(s) / f).exists()
-                                         for s in [*search_paths, REPO_CONFIG_DIR]):
+                                         for s in [*search_paths, REPO_CONFIG_DIR, REPO_CONFIG_DIR.parent]):
             raise FileNotFoundError(f"gin file {f!r} not found (looked in cwd, {REPO_CONFIG_DIR}"
                                     f"{', ' + ', '.join(search_paths) if search_paths else ''})")
         try:

@@ -93,3 +93,11 @@ def test_flags_accept_dash_or_underscore():
     assert normalize_flag_spelling(["convert", "--num_kv_heads=2", "--source-format", "hf", "--gin.A_B=1"], known) == [
         "convert", "--num-kv-heads=2", "--source-format", "hf", "--gin.A_B=1"]
     assert normalize_flag_spelling(["inspect", "--gin-file=x"], known) == ["inspect", "--gin_file=x"]
+
+
+def test_gin_files_resolve_with_or_without_configs_prefix(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # not the repo root
+    assert main(["inspect", "--gin_file=configs/models/t5_1_1/small.gin", "--summary"]) == 0
+    a = _total(capsys.readouterr().out)
+    assert main(["inspect", "--gin_file=models/t5_1_1/small.gin", "--summary"]) == 0
+    assert _total(capsys.readouterr().out) == a
