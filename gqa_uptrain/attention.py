@@ -22,6 +22,32 @@ Array = jax.Array
 BIG_NEG = -1e10
 
 
+def sum_leading_axes(x: Array, num_axes: int) -> Array:
+    """Sum over the first `num_axes` axes as a ones-vector GEMV. XLA:CPU lowers a reduction over leading
+    (non-minor) axes to a slow loop (17 ms vs 0.2 ms for [16, 131072] here); a GEMV is fast on every backend."""
+    lead = math.prod(x.shape[:num_axes])
+    ones = jnp.ones((1, lead), x.dtype)
+    return jnp.matmul(ones, x.reshape(lead, -1), precision=jax.lax.Precision.HIGHEST).reshape(x.shape[num_axes:])
+
+
+@jax.custom_vjp
+def add_batch_broadcast(x: Array, y: Array) -> Array:
+    """x + y where y has a leading batch dim of 1 (a bias shared by the batch); its gradient is a batch sum."""
+    return x + y
+
+
+def _add_batch_broadcast_fwd(x, y):
+    return x + y, y.shape
+
+
+def _add_batch_broadcast_bwd(y_shape, g):
+    gy = sum_leading_axes(g, 1)[None] if y_shape[0] == 1 and g.shape[0] != 1 else g
+    return g, jnp.broadcast_to(gy, y_shape) if gy.shape != y_shape else gy
+
+
+add_batch_broadcast.defvjp(_add_batch_broadcast_fwd, _add_batch_broadcast_bwd)
+
+
 def grouped_dot_product_attention(
     query: Array,
     key: Array,
@@ -59,7 +85,8 @@ def grouped_dot_product_attention(
     logits = jnp.einsum("bgmd,bgkd->bgmk", q, k, preferred_element_type=jnp.float32).reshape(b, g, r, lq, lk)
     if bias is not None:
         bias = jnp.broadcast_to(bias, (bias.shape[0], h, lq, lk)).reshape(bias.shape[0], g, r, lq, lk)
-        logits = logits + bias.astype(jnp.float32)
+        bias = bias.astype(jnp.float32)
+        logits = add_batch_broadcast(logits, bias) if bias.shape[0] == 1 else logits + bias
     if mask is not None:
         mh = mask.shape[1]
         mask = mask.reshape(mask.shape[0], g if mh == h else 1, r if mh == h else 1, lq, lk)

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gqa_uptrain.attention import Attention, Dense, RelativePositionBiases, _dense_init
+from gqa_uptrain.attention import Attention, Dense, RelativePositionBiases, _dense_init, sum_leading_axes
 from gqa_uptrain.config import ModelConfig
 
 Array = jax.Array
@@ -34,6 +34,25 @@ _ACT = ("activation_batch", "activation_length", "activation_embed")
 
 def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
+
+
+@jax.custom_vjp
+def _scale_features(y: Array, scale: Array) -> Array:
+    """y [..., d] * scale [d]; the scale gradient is a sum over all leading axes, done as a GEMV (see
+    attention.sum_leading_axes for why)."""
+    return y * scale
+
+
+def _scale_features_fwd(y, scale):
+    return y * scale, (y, scale)
+
+
+def _scale_features_bwd(res, g):
+    y, scale = res
+    return g * scale, sum_leading_axes(g * y, g.ndim - 1)
+
+
+_scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +68,7 @@ class RMSNorm(nn.Module):
                            (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-        return (y * jnp.asarray(scale, jnp.float32)).astype(self.dtype)
+        return _scale_features(y, jnp.asarray(scale, jnp.float32)).astype(self.dtype)
 
 
 class GatedGeluMlp(nn.Module):

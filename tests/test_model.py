@@ -207,3 +207,29 @@ def test_kv_cache_bytes(tiny_config):
     cfg = tiny_config.with_decoder_kv_heads(1)
     assert cfg.kv_cache_bytes_per_token() == 2 * cfg.num_decoder_layers * 1 * cfg.head_dim * 4
     assert tiny_config.kv_cache_bytes_per_token() == 4 * cfg.kv_cache_bytes_per_token()
+
+
+def test_custom_reduction_gradients_match_autodiff():
+    from gqa_uptrain.attention import add_batch_broadcast, sum_leading_axes
+    from gqa_uptrain.model import _scale_features
+    r = np.random.RandomState(3)
+    x = jnp.asarray(r.randn(4, 2, 3, 5, 6).astype(np.float32))
+    bias = jnp.asarray(r.randn(1, 2, 3, 5, 6).astype(np.float32))
+    np.testing.assert_allclose(np.asarray(sum_leading_axes(x, 2)), np.asarray(x.sum((0, 1))), rtol=1e-5, atol=1e-5)
+
+    def f(custom):
+        def loss(x, b):
+            y = add_batch_broadcast(x, b) if custom else x + b
+            return jnp.sum(jnp.tanh(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape))
+        return jax.grad(loss, argnums=(0, 1))(x, bias)
+    for got, want in zip(f(True), f(False)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    scale = jnp.asarray(r.randn(6).astype(np.float32))
+
+    def g(custom):
+        def loss(x, s):
+            y = _scale_features(x, s) if custom else x * s
+            return jnp.sum(jnp.sin(y))
+        return jax.grad(loss, argnums=(0, 1))(x, scale)
+    for got, want in zip(g(True), g(False)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
