@@ -131,8 +131,10 @@ def write_report(out, models: dict[str, int], args, seconds: float) -> str:
         lines.append(f"- `{d['input']}` -> `{d['output']}`")
     cpu = machine.get("cpu_model") or platform.processor() or platform.machine()
     lines += ["", f"Machine: {cpu}, {machine.get('cpus', '?')} CPUs; demo wall time {seconds:.0f}s.",
-              "One run, one seed: differences smaller than a few hundredths are noise at this scale (see "
-              "`scripts/reproduce_paper.sh` for seeds and spreads)."]
+              "One run, one seed: loss differences smaller than a few hundredths are noise at this scale (see "
+              "`scripts/reproduce_paper.sh` for seeds and spreads). At this toy size decoding is dominated by "
+              "per-step overheads, not KV-cache bytes, so times per sample differ little and move with machine "
+              "load; `gqa-uptrain bench decode` on a larger shape shows the KV effect (docs/bench/)."]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
