@@ -440,13 +440,19 @@ def register_text_file_task(
     splits = {"train": _resolve_files(train_files, f"task {name!r} train")}
     if validation_files is not None:
         splits["validation"] = _resolve_files(validation_files, f"task {name!r} validation")
+    return _add_span_corruption_task(name, LineFileDataSource(splits, text_field=text_field), vocabulary,
+                                     text_field, overwrite)
+
+
+def _add_span_corruption_task(name: str, source: seqio.DataSource, vocabulary: Optional[seqio.Vocabulary],
+                              text_field: str, overwrite: bool) -> seqio.Task:
     if name in seqio.TaskRegistry.names():
         if not overwrite:
             raise ValueError(f"task {name!r} is already registered (pass overwrite=True)")
         seqio.TaskRegistry.remove(name)
     return seqio.TaskRegistry.add(
         name,
-        source=LineFileDataSource(splits, text_field=text_field),
+        source=source,
         preprocessors=_span_corruption_preprocessors(text_field),
         output_features=default_output_features(vocabulary),
         metric_fns=[],
@@ -474,17 +480,8 @@ def register_tfds_span_corruption(
         ) from e
     if data_dir is not None and not os.path.isdir(data_dir):
         raise ValueError(f"TFDS data_dir not found: {data_dir}")
-    if name in seqio.TaskRegistry.names():
-        if not overwrite:
-            raise ValueError(f"task {name!r} is already registered (pass overwrite=True)")
-        seqio.TaskRegistry.remove(name)
-    return seqio.TaskRegistry.add(
-        name,
-        source=seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=data_dir, read_only=True),
-        preprocessors=_span_corruption_preprocessors(text_field),
-        output_features=default_output_features(vocabulary),
-        metric_fns=[],
-    )
+    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=data_dir, read_only=True)
+    return _add_span_corruption_task(name, source, vocabulary, text_field, overwrite)
 
 
 def register_tasks() -> None:

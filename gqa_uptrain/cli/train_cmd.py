@@ -22,21 +22,17 @@ NUM_MICROBATCHES, SEED, MESH, LEARNING_RATE, WARMUP_STEPS, Z_LOSS, LOSS_NORMALIZ
 KEEP_CHECKPOINTS, EVAL_EVERY, EVAL_EXAMPLES, LOG_EVERY; any TrainConfig.* / OptimizerConfig.* field directly.
 See docs/train.md."""
 
-_REGISTERED: dict[str, object] = {}
 _MACRO_FOR = {"model_dir": "MODEL_DIR", "train_steps": "TRAIN_STEPS", "initial_checkpoint": "INITIAL_CHECKPOINT",
               "uptrain_fraction": "UPTRAIN_FRACTION", "original_steps": "ORIGINAL_STEPS"}
 
 
 def register_gin() -> dict[str, object]:
     """Register TrainConfig / OptimizerConfig with gin once (the library classes stay gin-free)."""
-    if not _REGISTERED:
-        import gin
-
-        from gqa_uptrain.optim import OptimizerConfig
-        from gqa_uptrain.train import TrainConfig
-        _REGISTERED["TrainConfig"] = gin.external_configurable(TrainConfig, name="TrainConfig")
-        _REGISTERED["OptimizerConfig"] = gin.external_configurable(OptimizerConfig, name="OptimizerConfig")
-    return _REGISTERED
+    from gqa_uptrain.gin_utils import configurable_dataclass
+    from gqa_uptrain.optim import OptimizerConfig
+    from gqa_uptrain.train import TrainConfig
+    return {"TrainConfig": configurable_dataclass(TrainConfig),
+            "OptimizerConfig": configurable_dataclass(OptimizerConfig)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
