@@ -32,17 +32,16 @@ def sum_leading_axes(x: Array, num_axes: int) -> Array:
 
 @jax.custom_vjp
 def add_batch_broadcast(x: Array, y: Array) -> Array:
-    """x + y where y has a leading batch dim of 1 (a bias shared by the batch); its gradient is a batch sum."""
+    """x [batch, ...] + y [1, ...] (a bias shared by the batch); y's gradient is a batch sum."""
     return x + y
 
 
 def _add_batch_broadcast_fwd(x, y):
-    return x + y, y.shape
+    return x + y, None
 
 
-def _add_batch_broadcast_bwd(y_shape, g):
-    gy = sum_leading_axes(g, 1)[None] if y_shape[0] == 1 and g.shape[0] != 1 else g
-    return g, jnp.broadcast_to(gy, y_shape) if gy.shape != y_shape else gy
+def _add_batch_broadcast_bwd(_, g):
+    return g, sum_leading_axes(g, 1)[None]
 
 
 add_batch_broadcast.defvjp(_add_batch_broadcast_fwd, _add_batch_broadcast_bwd)
