@@ -16,9 +16,6 @@ from gqa_uptrain.config import ModelConfig
 
 REPO_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
-# Registered once: gin files refer to `ModelConfig.*`.
-GinModelConfig = gin.external_configurable(ModelConfig, name="ModelConfig")
-
 _REGISTERED: dict[str, object] = {}
 
 
@@ -36,6 +33,9 @@ def build_dataclass(cls: type, name: str | None = None):
     values = {f.name: getattr(bound, f.name) for f in dataclasses.fields(cls)}
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
+
+# Registered at import: gin files refer to `ModelConfig.*`.
+configurable_dataclass(ModelConfig)
 
 _GIN_FLAG = re.compile(r"^--gin\.([A-Za-z_][\w.]*(?:/[\w.]+)*)=(.*)$", re.S)
 
@@ -82,19 +82,17 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
     """Clear gin, then load files (searched in `search_paths`, the repo's configs/ and cwd) and bindings."""
     gin.clear_config()
     # configs/ and the repo root: both 'models/t5_1_1/xxl.gin' and 'configs/models/t5_1_1/xxl.gin' resolve anywhere.
-    for p in [*search_paths, str(REPO_CONFIG_DIR), str(REPO_CONFIG_DIR.parent), "."]:
+    dirs = [*search_paths, str(REPO_CONFIG_DIR), str(REPO_CONFIG_DIR.parent), "."]
+    for p in dirs:
         gin.add_config_file_search_path(p)
     with _plain_file_search():
-        _parse_files_and_bindings(gin_files, bindings, search_paths)
+        _parse_files_and_bindings(gin_files, bindings, dirs)
 
 
-def _parse_files_and_bindings(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
+def _parse_files_and_bindings(gin_files: Sequence[str], bindings: Sequence[str], dirs: Sequence[str]) -> None:
     for f in gin_files:
-        path = pathlib.Path(f)
-        if not path.exists() and not any((pathlib.Path(s) / f).exists()
-                                         for s in [*search_paths, REPO_CONFIG_DIR, REPO_CONFIG_DIR.parent]):
-            raise FileNotFoundError(f"gin file {f!r} not found (looked in cwd, {REPO_CONFIG_DIR}"
-                                    f"{', ' + ', '.join(search_paths) if search_paths else ''})")
+        if not any((pathlib.Path(d) / f).exists() for d in dirs):
+            raise FileNotFoundError(f"gin file {f!r} not found (looked in {', '.join(dirs)})")
         try:
             gin.parse_config_file(f)
         except Exception as e:  # noqa: BLE001 - gin's messages are good; add the file name
@@ -105,8 +103,7 @@ def _parse_files_and_bindings(gin_files: Sequence[str], bindings: Sequence[str],
 
 def model_config_from_gin() -> ModelConfig:
     """Build the plain (non-gin) ModelConfig from the current bindings."""
-    bound = GinModelConfig()
-    return ModelConfig(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(ModelConfig)})
+    return build_dataclass(ModelConfig)
 
 
 def model_config_to_gin(config: ModelConfig) -> str:
