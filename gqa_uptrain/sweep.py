@@ -157,11 +157,10 @@ def read_bench(root: pathlib.Path, kv_heads: int) -> dict[str, float]:
 
 
 def _source_info(path: str) -> tuple[int, int | None]:
-    from gqa_uptrain.checkpoint import MANIFEST_FILE, read_config
+    from gqa_uptrain.checkpoint import read_config
+    from gqa_uptrain.train import recorded_source_step  # the trainer's own reading of a source's step
     cfg = read_config(path)
-    manifest = pathlib.Path(path) / MANIFEST_FILE
-    meta = json.loads(manifest.read_text()) if manifest.exists() else {}
-    step = meta.get("step") or meta.get("original_steps")
+    step = recorded_source_step(path)
     run_dir = pathlib.Path(path) / "checkpoints"
     if step is None and run_dir.is_dir():  # a training MODEL_DIR: its latest complete step
         steps = [int(p.name) for p in run_dir.iterdir() if p.name.isdigit()]

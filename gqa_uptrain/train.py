@@ -339,6 +339,11 @@ def _read_source_metadata(directory: str) -> dict[str, Any]:
     return meta
 
 
+def recorded_source_step(directory: str) -> int | None:
+    """The pre-training step a checkpoint directory records in conversion.json / manifest.json, if any."""
+    return _source_step(_read_source_metadata(directory))
+
+
 def resolve_length(cfg: TrainConfig, source_metadata: Mapping[str, Any] | None) -> tuple[int, int | None]:
     """(train_steps, original_steps): explicit TRAIN_STEPS wins; else round(alpha * original_steps)."""
     original = cfg.original_steps or (_source_step(source_metadata or {}) if source_metadata is not None else None)
