@@ -279,52 +279,76 @@ class ConversionResult:
     grouping: dict[str, Any]  # per module: source/target kv heads, query->kv group map, errors
 
 
-def _flat(params: Mapping[str, Any]) -> dict[str, Any]:
+def _flat(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Flat 'a/b/kernel' view of params; an already flat mapping (possibly lazy) is returned as is."""
     from flax import traverse_util
     if params and all(isinstance(k, str) and "/" in k for k in params):
-        return dict(params)
+        return params
     return traverse_util.flatten_dict(dict(params), sep="/")
+
+
+def _module_info(kind: str, h: int, g0: int, g: int, calibrated: bool) -> dict[str, Any]:
+    return {"kind": kind, "source_kv_heads": g0, "kv_heads": g,
+            "query_to_kv_head": [i // (h // g) for i in range(h)],
+            "source_kv_heads_per_group": [list(range(j * (g0 // g), (j + 1) * (g0 // g))) for j in range(g)],
+            "calibrated": calibrated}
+
+
+def iter_converted(params: Mapping[str, Any], config: ModelConfig, num_kv_heads: int, layers: str = "decoder",
+                   method: str = "mean", seed: int = 0, calibration: Mapping[str, np.ndarray] | None = None,
+                   grouping: dict[str, Any] | None = None,
+                   measure_error: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (flat name, converted array) for every parameter, in the source's order, one module at a time.
+
+    `params` may be a lazy mapping (e.g. `readers.TensorSource`): each tensor is looked up once, so at most one
+    attention module's four kernels are alive here, which is what lets `convert` stream a checkpoint to disk.
+    Per-module grouping records (and K/V reconstruction errors with `measure_error`) go into `grouping`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown conversion method {method!r}; choose one of {METHODS}")
+    validate_target(config, num_kv_heads, layers)
+    flat = _flat(params)
+    h, d = config.num_heads, config.head_dim
+    jobs = [(kind, p) for kind in kinds_for(layers) for p in module_paths(config, kind)]
+    module_of = {f"{p}/{n}/kernel": (index, kind, p) for index, (kind, p) in enumerate(jobs)
+                 for n in ("query", "key", "value", "out")}
+    done: set[str] = set()
+    for name in list(flat):
+        if name not in module_of:
+            yield name, flat[name]
+            continue
+        index, kind, prefix = module_of[name]
+        if prefix in done:
+            continue
+        done.add(prefix)
+        g0 = current_kv_heads(config, kind)
+        w = AttentionWeights(*(flat[f"{prefix}/{n}/kernel"] for n in ("query", "key", "value", "out")))
+        x = calibration.get(prefix) if calibration else None
+        new, tk, tv = convert_attention_with_transforms(w, h, g0, num_kv_heads, d, method, x, seed, index)
+        if grouping is not None:
+            info = _module_info(kind, h, g0, num_kv_heads, x is not None and method in DATA_METHODS)
+            if measure_error:
+                info.update(kv_reconstruction_error(w, new, tk, tv, g0, num_kv_heads, d, x))
+            grouping[prefix] = info
+        del w
+        for n, arr in zip(("query", "key", "value", "out"), (new.q, new.k, new.v, new.o)):
+            yield f"{prefix}/{n}/kernel", arr
 
 
 def convert_params(params: Mapping[str, Any], config: ModelConfig, num_kv_heads: int, layers: str = "decoder",
                    method: str = "mean", seed: int = 0, calibration: Mapping[str, np.ndarray] | None = None,
                    progress: Callable[[Iterator], Iterator] | None = None,
                    measure_error: bool = False) -> ConversionResult:
-    """Convert params (nested or flat) of `config` to `num_kv_heads` KV heads in the chosen stacks.
+    """Convert params (nested or flat) of `config` to `num_kv_heads` KV heads in the chosen stacks, in memory.
 
     calibration: module prefix ('decoder/layers_0/self_attention') -> K/V-projection inputs [N, E]; used by the
     `align` and `svd` methods (missing entries fall back to the data-free variants).
     Returns flat params; untouched tensors are the same objects as the input's (no copy).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown conversion method {method!r}; choose one of {METHODS}")
-    validate_target(config, num_kv_heads, layers)
-    flat = _flat(params)
-    new_config = target_config(config, num_kv_heads, layers)
-    h, d = config.num_heads, config.head_dim
-    jobs = [(kind, p) for kind in kinds_for(layers) for p in module_paths(config, kind)]
     grouping: dict[str, Any] = {}
-    it: Iterator = iter(enumerate(jobs))
-    if progress is not None:
-        it = progress(it)
-    out = dict(flat)
-    for index, (kind, prefix) in it:
-        g0 = current_kv_heads(config, kind)
-        w = AttentionWeights(*(flat[f"{prefix}/{n}/kernel"] for n in ("query", "key", "value", "out")))
-        x = calibration.get(prefix) if calibration else None
-        new, tk, tv = convert_attention_with_transforms(w, h, g0, num_kv_heads, d, method, x, seed, index)
-        for n, arr in zip(("query", "key", "value", "out"), (new.q, new.k, new.v, new.o)):
-            out[f"{prefix}/{n}/kernel"] = arr
-        info: dict[str, Any] = {"kind": kind, "source_kv_heads": g0, "kv_heads": num_kv_heads,
-                                "query_to_kv_head": [i // (h // num_kv_heads) for i in range(h)],
-                                "source_kv_heads_per_group": [list(range(g * (g0 // num_kv_heads),
-                                                                         (g + 1) * (g0 // num_kv_heads)))
-                                                              for g in range(num_kv_heads)],
-                                "calibrated": x is not None and method in DATA_METHODS}
-        if measure_error:
-            info.update(kv_reconstruction_error(w, new, tk, tv, g0, num_kv_heads, d, x))
-        grouping[prefix] = info
-    return ConversionResult(out, new_config, grouping)
+    items = iter_converted(params, config, num_kv_heads, layers, method, seed, calibration, grouping, measure_error)
+    out = dict(progress(items) if progress is not None else items)
+    return ConversionResult(out, target_config(config, num_kv_heads, layers), grouping)
 
 
 # ------------------------------------------------------------------------------------------- calibration

@@ -1,7 +1,8 @@
 """Export our checkpoints to Hugging Face T5 (`model.safetensors` + `config.json`), streaming.
 
-The safetensors file is written tensor by tensor (the header is computed from shapes first), so exporting never
-holds a second copy of the model. Names and layouts come from `gqa_uptrain.hf`.
+Each tensor is read from our checkpoint (orbax partial restore), converted to the HF layout and written to the
+safetensors file (whose header is computed from shapes first) before the next one is read, so exporting never
+holds the model in memory. Names and layouts come from `gqa_uptrain.hf`.
 """
 from __future__ import annotations
 
@@ -75,11 +76,11 @@ def hf_specs(config: ModelConfig, expand_kv: bool = False) -> list[tuple[str, tu
 def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False,
               expand_kv: bool = False, step: int | None = None, show_progress: bool = False) -> pathlib.Path:
     """Our checkpoint dir (converted dir or MODEL_DIR) -> HF dir with model.safetensors + config.json, atomically."""
-    from gqa_uptrain.checkpoint import atomic_directory, load_params
+    from gqa_uptrain.checkpoint import atomic_directory, open_params
     out = pathlib.Path(output)
     if out.exists() and not overwrite:  # fail before the (slow) load
         raise FileExistsError(f"output {out.absolute()} already exists (pass --overwrite to replace it)")
-    loaded = load_params(checkpoint, step)
+    loaded = open_params(checkpoint, step)  # lazy: read, convert and write one tensor at a time
     config = loaded.config
     progress = None
     if show_progress:

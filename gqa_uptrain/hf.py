@@ -205,19 +205,37 @@ def to_numpy(x: Any, dtype: Any = np.float32) -> Array:
     return np.asarray(x, dtype=dtype)
 
 
-def params_from_hf(state_dict_like: Mapping[str, Any], hf_config: Any, dtype: Any = np.float32,
-                   progress: Callable[[Iterator], Iterator] | None = None,
-                   source: str = "HF checkpoint") -> tuple[ModelConfig, dict[str, Any]]:
-    """HF T5.1.1 tensors -> (ModelConfig, nested params with our names).
+def _hf_shape(state_dict_like: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    """A tensor's shape without reading its data where the mapping allows (our lazy safetensors readers)."""
+    shape = getattr(state_dict_like, "shape", None)
+    return tuple(shape(name)) if callable(shape) else tuple(state_dict_like[name].shape)
 
-    Args:
-      state_dict_like: name -> tensor (numpy, torch or lazy; looked up one name at a time, so a lazy mapping
-        streams: only the current tensor and the growing output are in memory).
-      hf_config: HF config dict or T5Config.
-      progress: optional wrapper over the iteration (e.g. tqdm).
+
+def _read_transposed(state_dict_like: Mapping[str, Any], name: str, dtype: Any,
+                     block_bytes: int = 16 << 20) -> Array:
+    """A 2-D tensor transposed to a C-contiguous array. Readers with `read_rows` (our safetensors readers) fill it
+    block by block, so the vocabulary-sized head costs one copy plus a block instead of two full copies."""
+    read_rows = getattr(state_dict_like, "read_rows", None)
+    if not callable(read_rows):
+        return np.ascontiguousarray(to_numpy(state_dict_like[name], dtype).T)
+    rows, cols = _hf_shape(state_dict_like, name)
+    out = np.empty((cols, rows), dtype)
+    step = max(1, block_bytes // max(1, cols * np.dtype(dtype).itemsize))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        out[:, start:stop] = to_numpy(read_rows(name, start, stop), dtype).T
+    return out
+
+
+def hf_param_loader(state_dict_like: Mapping[str, Any], hf_config: Any, dtype: Any = np.float32,
+                    source: str = "HF checkpoint") -> tuple[ModelConfig, dict[str, tuple[int, ...]],
+                                                            Callable[[str], Array]]:
+    """Check HF T5.1.1 tensor names and shapes without reading any data; return (config, shapes, load).
+
+    shapes: our flat name ('encoder/layers_0/attention/query/kernel') -> our shape, in HF name-table order.
+    load(our name): reads that one tensor and returns it in our layout as `dtype`.
     Raises ValueError naming the key on missing / unexpected keys or shape mismatches.
     """
-    from flax import traverse_util
     config = config_from_hf(hf_config)
     keys = set(state_dict_like.keys())
     mapping = name_map(config)
@@ -232,26 +250,48 @@ def params_from_hf(state_dict_like: Mapping[str, Any], hf_config: Any, dtype: An
         raise ValueError(f"{source}: missing tensor {missing[0]!r}"
                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
     want = _expected_hf_shapes(config)
-    flat: dict[str, Array] = {}
-    items: Iterator = iter(mapping)
-    if progress is not None:
-        items = progress(items)
-    for m in items:
-        w = to_numpy(state_dict_like[m.hf], dtype)
-        if tuple(w.shape) != want[m.hf]:
-            raise ValueError(f"{source}: {m.hf} has shape {tuple(w.shape)}, expected {want[m.hf]} from the config")
-        flat[m.ours] = HOOKS[m.hook][0](w)
-        del w
     head_name = LM_HEAD if LM_HEAD in keys else "shared.weight"
-    head = to_numpy(state_dict_like[head_name], dtype)
-    if tuple(head.shape) != (config.vocab_size, config.d_model):
-        raise ValueError(f"{source}: {head_name} has shape {tuple(head.shape)}, expected "
-                         f"{(config.vocab_size, config.d_model)}")
+    want[head_name] = (config.vocab_size, config.d_model)
+    for name in [m.hf for m in mapping] + [head_name]:
+        got = _hf_shape(state_dict_like, name)
+        if got != want[name]:
+            raise ValueError(f"{source}: {name} has shape {got}, expected {want[name]} from the config")
+    by_ours = {m.ours: m for m in mapping}
+    ours_shapes = {m.ours: (tuple(reversed(want[m.hf])) if m.hook != "identity" else want[m.hf]) for m in mapping}
+    ours_shapes[LOGITS_KERNEL] = (config.d_model, config.vocab_size)
     scale = config.d_model ** -0.5 if scale_decoder_outputs(hf_config) else 1.0
-    # Folding HF's pre-lm_head scale into the kernel keeps one untied architecture for every import.
-    flat[LOGITS_KERNEL] = np.ascontiguousarray(head.T * np.asarray(scale, dtype))
-    del head
-    return config, traverse_util.unflatten_dict(flat, sep="/")
+
+    def load(name: str) -> Array:
+        if name == LOGITS_KERNEL:
+            kernel = _read_transposed(state_dict_like, head_name, dtype)
+            if scale != 1.0:
+                # Folding HF's pre-lm_head scale into the kernel keeps one untied architecture for every import
+                # (in place: the vocab-sized kernel is the largest tensor, so no third copy).
+                kernel *= np.asarray(scale, dtype)
+            return kernel
+        m = by_ours[name]
+        return HOOKS[m.hook][0](to_numpy(state_dict_like[m.hf], dtype))
+
+    return config, ours_shapes, load
+
+
+def params_from_hf(state_dict_like: Mapping[str, Any], hf_config: Any, dtype: Any = np.float32,
+                   progress: Callable[[Iterator], Iterator] | None = None,
+                   source: str = "HF checkpoint") -> tuple[ModelConfig, dict[str, Any]]:
+    """HF T5.1.1 tensors -> (ModelConfig, nested params with our names), everything in memory.
+
+    Args:
+      state_dict_like: name -> tensor (numpy, torch or lazy; looked up one name at a time).
+      hf_config: HF config dict or T5Config.
+      progress: optional wrapper over the iteration (e.g. tqdm).
+    Raises ValueError naming the key on missing / unexpected keys or shape mismatches.
+    """
+    from flax import traverse_util
+    config, shapes, load = hf_param_loader(state_dict_like, hf_config, dtype, source)
+    names: Iterator = iter(list(shapes))
+    if progress is not None:
+        names = progress(list(shapes))
+    return config, traverse_util.unflatten_dict({n: load(n) for n in names}, sep="/")
 
 
 def _expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -1,9 +1,9 @@
 """Checkpoint readers for the converter: Hugging Face T5.1.1, T5X native and our own directories.
 
-All readers stream: a checkpoint is opened as a lazy name -> tensor mapping and each tensor is read from disk only
-when it is looked up, converted to our layout and kept once (the converted tree is the only full copy in memory).
-The exception is T5X inline msgpack arrays, which msgpack can only decode as a whole file (T5X writes large
-checkpoints with tensorstore, which is read lazily).
+All readers stream: `open_source` checks names and shapes from headers / metadata alone and returns a lazy flat
+name -> tensor mapping (`TensorSource`) in our layout; each tensor is read from disk only when it is looked up, so
+the converter can read, convert and write one tensor at a time. The exception is T5X inline msgpack arrays, which
+msgpack can only decode as a whole file (T5X writes large checkpoints with tensorstore, which is read lazily).
 
 Formats (`detect_format`):
   hf     DIR/config.json (HF T5) + DIR/model.safetensors | DIR/model.safetensors.index.json (sharded)
@@ -11,7 +11,7 @@ Formats (`detect_format`):
   t5x    .../checkpoint_N/checkpoint (flax msgpack; `target`/`state` or old `optimizer/target`/`optimizer/state`
          layout; arrays inline or as tensorstore directories beside the file), or a T5X model dir holding
          checkpoint_N/ subdirectories (the latest step is read)
-  orbax  our converted dir or training MODEL_DIR (`gqa_uptrain.checkpoint.load_params`)
+  orbax  our converted dir or training MODEL_DIR (`gqa_uptrain.checkpoint.open_params`, orbax partial restore)
 """
 from __future__ import annotations
 
@@ -48,20 +48,46 @@ def _np_dtype(code: str, path: pathlib.Path, name: str) -> np.dtype:
     return np.dtype(_ST_DTYPES[code])
 
 
+class TensorSource(Mapping):
+    """Lazy flat mapping our name ('decoder/layers_0/mlp/wo/kernel') -> float32 numpy array in our layout.
+
+    Shapes are known (and were checked) before any data is read; each lookup reads one tensor from disk."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np.ndarray]):
+        self._shapes = dict(shapes)
+        self._load = load
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._shapes:
+            raise KeyError(name)
+        return self._load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+
 @dataclasses.dataclass
 class Source:
-    """A source checkpoint read into our layout. `params` is nested (T5X names), numpy arrays."""
+    """A source checkpoint opened lazily in our layout (`tensors`: flat names, float32 numpy on lookup)."""
 
     config: ModelConfig
-    params: dict[str, Any]
+    tensors: Mapping[str, np.ndarray]
     format: str
     path: str
     step: int | None = None
     files: list[str] = dataclasses.field(default_factory=list)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-
-# ---------------------------------------------------------------------------------------------- safetensors
+    def load_all(self, progress: Callable[[Iterator], Iterator] | None = None) -> dict[str, np.ndarray]:
+        """Every tensor in memory (flat dict); needed by methods that run the source model (calibration)."""
+        names = list(self.tensors)
+        return {n: self.tensors[n] for n in (progress(names) if progress else names)}
 
 
 class SafetensorsFile(Mapping):
@@ -109,6 +135,14 @@ class SafetensorsFile(Mapping):
         arr = np.fromfile(self.path, dtype=dtype, count=count, offset=self._data_start + begin)
         return arr.reshape(shape)
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor (along its first axis), reading only those bytes."""
+        dtype, shape, begin, _ = self._entries[name]
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        arr = np.fromfile(self.path, dtype=dtype, count=(stop - start) * row,
+                          offset=self._data_start + begin + start * row * dtype.itemsize)
+        return arr.reshape((stop - start,) + shape[1:])
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
 
@@ -146,6 +180,12 @@ class ShardedSafetensors(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._shards[self._where[name]][name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shards[self._where[name]].shape(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._shards[self._where[name]].read_rows(name, start, stop)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -368,11 +408,8 @@ def infer_t5x_config(shapes: Mapping[str, tuple[int, ...]], **overrides: Any) ->
         raise ValueError(f"T5X checkpoint: inconsistent shapes: {e}") from None
 
 
-def read_t5x(path: str | os.PathLike, config: ModelConfig | None = None,
-             progress: Callable[[Iterator], Iterator] | None = None) -> Source:
-    """Read a T5X checkpoint into our layout. `config` (e.g. from --gin_file) replaces shape inference."""
-    from flax import traverse_util
-
+def read_t5x(path: str | os.PathLike, config: ModelConfig | None = None) -> Source:
+    """Open a T5X checkpoint lazily in our layout. `config` (e.g. from --gin_file) replaces shape inference."""
     from gqa_uptrain.checkpoint import check_params_match_config
     tensors, step, ckpt = read_t5x_state(path)
     shapes = {}
@@ -383,14 +420,14 @@ def read_t5x(path: str | os.PathLike, config: ModelConfig | None = None,
         shapes[name] = s
     config = config or infer_t5x_config(shapes)
     check_params_match_config(_ShapeTree.build(shapes), config, source=str(ckpt))
-    flat = {}
-    names = list(tensors)
-    for name in (progress(names) if progress else names):
-        flat[name] = np.asarray(_t5x_to_2d(name, tensors[name]), np.float32)
+
+    def load(name: str) -> np.ndarray:
+        arr = np.asarray(_t5x_to_2d(name, tensors[name]), np.float32)
         tensors.release(name)
+        return arr
+
     files = [ckpt, *(f for d in tensors.ts_files for f in sorted(d.rglob("*")) if f.is_file())]
-    return Source(config, traverse_util.unflatten_dict(flat, sep="/"), "t5x", str(ckpt), step,
-                  [str(f) for f in files])
+    return Source(config, TensorSource(shapes, load), "t5x", str(ckpt), step, [str(f) for f in files])
 
 
 class _ShapeTree:
@@ -433,9 +470,10 @@ def detect_format(path: str | os.PathLike) -> str:
                      "a T5X checkpoint_N dir or a gqa_uptrain checkpoint; pass --source-format")
 
 
-def read_source(path: str | os.PathLike, fmt: str = "auto", config: ModelConfig | None = None,
-                progress: Callable[[Iterator], Iterator] | None = None) -> Source:
-    """Read any supported source into our layout (numpy float32). `config` overrides T5X shape inference."""
+def open_source(path: str | os.PathLike, fmt: str = "auto", config: ModelConfig | None = None) -> Source:
+    """Open any supported source lazily in our layout (float32 numpy on lookup), names and shapes checked.
+
+    `config` overrides T5X shape inference."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown source format {fmt!r}; choose one of {FORMATS}")
     path = pathlib.Path(path)
@@ -445,19 +483,19 @@ def read_source(path: str | os.PathLike, fmt: str = "auto", config: ModelConfig 
         fmt = detect_format(path)
     if fmt == "hf":
         tensors, hf_config, files = open_hf(path)
-        cfg, params = hf_names.params_from_hf(tensors, hf_config, progress=progress, source=str(path))
+        cfg, shapes, load = hf_names.hf_param_loader(tensors, hf_config, source=str(path))
         if config is not None and config != cfg:
             raise ValueError(f"{path}: --gin_file config differs from the HF config.json; HF sources take their "
                              "architecture from config.json")
-        return Source(cfg, params, "hf", str(path), None, [str(f) for f in files],
+        return Source(cfg, TensorSource(shapes, load), "hf", str(path), None, [str(f) for f in files],
                       {"hf_scale_decoder_outputs": hf_names.scale_decoder_outputs(hf_config)})
     if fmt == "t5x":
-        return read_t5x(path, config, progress)
-    from gqa_uptrain.checkpoint import load_params, tree_to_numpy
-    loaded = load_params(path)
+        return read_t5x(path, config)
+    from gqa_uptrain.checkpoint import open_params
+    opened = open_params(path)
     files = sorted(str(p) for p in pathlib.Path(path).rglob("*") if p.is_file())
-    return Source(loaded.config, tree_to_numpy(loaded.params), "orbax", str(path), loaded.step, files,
-                  {"source_metadata": loaded.metadata})
+    return Source(opened.config, opened.params, "orbax", str(path), opened.step, files,
+                  {"source_metadata": opened.metadata})
 
 
 def sha256_files(files: list[str], root: str | None = None) -> dict[str, str]:

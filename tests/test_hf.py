@@ -46,6 +46,11 @@ def _hf_logits(model, enc, dec_in):
     return out.logits.numpy()
 
 
+def _nested(flat):
+    from flax import traverse_util
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def _our_logits(config, params, enc, dec_in):
     return np.asarray(Transformer(config).apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec_in)))
 
@@ -65,14 +70,14 @@ def test_name_table_is_a_bijection_covering_every_parameter(tiny_config):
 @pytest.mark.parametrize("variant", ["untied_head", "tie_false", "tied_default"])
 def test_random_hf_t5_loads_with_equal_logits(tmp_path, variant):
     """Issue #3: a save_pretrained'd random HF T5.1.1 loads through the name table with the same logits."""
-    from gqa_uptrain.readers import read_source
+    from gqa_uptrain.readers import open_source
     model = _random_hf(tie={"untied_head": False, "tie_false": False, "tied_default": None}[variant],
                        untied_head=variant == "untied_head")
     model.save_pretrained(tmp_path / "hf")
     enc, dec_in = _batch(HF_DIMS["vocab_size"])
     want = _hf_logits(model, enc, dec_in)
-    src = read_source(tmp_path / "hf")  # streaming safetensors reader
-    got = _our_logits(src.config, src.params, enc, dec_in)
+    src = open_source(tmp_path / "hf")  # streaming safetensors reader
+    got = _our_logits(src.config, _nested(src.load_all()), enc, dec_in)
     assert src.config.num_heads == 4 and src.config.head_dim == 8 and src.config.relative_attention_max_distance == 20
     assert np.abs(got - want).max() < 1e-4
     # Same through the in-memory API another engineer's tests use.
@@ -111,7 +116,7 @@ def test_export_roundtrip_our_model_loads_in_hf(tmp_path, tiny_config, rng):
 def test_export_gqa_writes_narrow_kv_and_expand_kv_loads_in_hf(tmp_path, tiny_config, rng):
     from gqa_uptrain.checkpoint import save_params
     from gqa_uptrain.export import export_hf
-    from gqa_uptrain.readers import read_source
+    from gqa_uptrain.readers import open_source
     cfg = tiny_config.with_decoder_kv_heads(2)
     params = init_params(cfg, rng)
     save_params(tmp_path / "ours", params, cfg)
@@ -124,11 +129,11 @@ def test_export_gqa_writes_narrow_kv_and_expand_kv_loads_in_hf(tmp_path, tiny_co
     assert st.shape("decoder.block.0.layer.0.SelfAttention.k.weight") == (2 * 8, 32)
     assert st.shape("encoder.block.0.layer.0.SelfAttention.k.weight") == (4 * 8, 32)
     # Our reader takes the GQA fields back: same params.
-    back = read_source(tmp_path / "hf")
+    back = open_source(tmp_path / "hf")
     assert back.config == cfg
     enc, dec_in = _batch(cfg.vocab_size, seed=2)
     want = _our_logits(cfg, params, enc, dec_in)
-    assert np.abs(_our_logits(back.config, back.params, enc, dec_in) - want).max() < 1e-5
+    assert np.abs(_our_logits(back.config, _nested(back.load_all()), enc, dec_in) - want).max() < 1e-5
     # --expand-kv: repeated K/V, stock HF T5 loads it and computes the same function.
     export_hf(tmp_path / "ours", tmp_path / "hf_mha", expand_kv=True)
     model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf_mha").eval()

@@ -27,6 +27,10 @@ def _assert_same(a, b):
         np.testing.assert_allclose(np.asarray(fa[k]), np.asarray(fb[k]), rtol=1e-6, err_msg=k)
 
 
+def _nested(flat):
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def write_hf_dir(path: pathlib.Path, cfg, params, shards: int = 1, drop=(), extra=None, reshape=None):
     path.mkdir(parents=True)
     tensors = dict(hf.iter_hf_tensors(params, cfg))
@@ -57,10 +61,11 @@ def write_hf_dir(path: pathlib.Path, cfg, params, shards: int = 1, drop=(), extr
 def test_hf_safetensors_single_and_sharded(tmp_path, tiny_config, params, shards):
     write_hf_dir(tmp_path / "hf", tiny_config, params, shards=shards)
     seen = []
-    src = readers.read_source(tmp_path / "hf", progress=lambda it: (seen.append(x) or x for x in it))
+    src = readers.open_source(tmp_path / "hf")
     assert src.format == "hf" and src.config == tiny_config
-    assert len(seen) == len(hf.name_map(tiny_config))  # one tensor at a time through the progress wrapper
-    _assert_same(src.params, params)
+    assert len(src.tensors) == len(hf.name_map(tiny_config)) + 1  # + the untied logits kernel
+    _assert_same(_nested(src.load_all(progress=lambda it: (seen.append(x) or x for x in it))), params)
+    assert len(seen) == len(src.tensors)
     assert len(src.files) == 1 + shards + (shards > 1)
 
 
@@ -120,10 +125,10 @@ def test_t5x_msgpack_both_layouts_with_tensorstore(tmp_path, tiny_config, params
     _write_t5x(tmp_path / "model" / "checkpoint_1234", _t5x_state(params, layout, 1234), ts_names)
     _write_t5x(tmp_path / "model" / "checkpoint_10", _t5x_state(jax.tree.map(np.zeros_like, params), layout, 10))
     # A model dir resolves to the latest step.
-    src = readers.read_source(tmp_path / "model")
+    src = readers.open_source(tmp_path / "model")
     assert src.format == "t5x" and src.step == 1234
     assert src.config == tiny_config.replace(relative_attention_max_distance=128)
-    _assert_same(src.params, params)
+    _assert_same(_nested(src.load_all()), params)
     assert any("encoder.layers_0.mlp.wi_0.kernel" in f for f in src.files)
 
 
@@ -135,9 +140,9 @@ def test_t5x_3d_kernels_and_gqa_shapes_inferred(tmp_path, tiny_config, params):
     att["query"]["kernel"] = att["query"]["kernel"].reshape(32, 4, 8)      # DenseGeneral [embed, heads, kv]
     att["out"]["kernel"] = att["out"]["kernel"].reshape(4, 8, 32)
     _write_t5x(tmp_path / "checkpoint_7", state)
-    src = readers.read_source(tmp_path / "checkpoint_7" / "checkpoint")
+    src = readers.open_source(tmp_path / "checkpoint_7" / "checkpoint")
     assert src.config == cfg and src.step == 7
-    _assert_same(src.params, p)
+    _assert_same(_nested(src.load_all()), p)
 
 
 def test_t5x_inconsistent_shapes_refused(tmp_path, params):
@@ -145,7 +150,7 @@ def test_t5x_inconsistent_shapes_refused(tmp_path, params):
     state["target"]["encoder"]["layers_0"]["attention"]["query"]["kernel"] = np.zeros((32, 30), np.float32)
     _write_t5x(tmp_path / "checkpoint_1", state)
     with pytest.raises(ValueError, match="query width 30 is not a multiple of the 4 heads"):
-        readers.read_source(tmp_path / "checkpoint_1")
+        readers.open_source(tmp_path / "checkpoint_1")
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -182,6 +187,35 @@ def test_convert_cli_hf_to_gqa_then_further(tmp_path, tiny_config, params, capsy
     rc, err = _run(capsys, "convert", "--source", tmp_path / "g1", "--num-kv-heads", 2, "--output", tmp_path / "x",
                    "--no-progress")
     assert rc == 1 and "current decoder_self key/value head count 1" in err
+
+
+def test_convert_streams_one_module_at_a_time(tmp_path, tiny_config, params, capsys, monkeypatch):
+    """The data-free methods read, convert and write tensor by tensor: never more than one attention module's
+    four kernels are read but not yet handed to orbax (flushing after every tensor here)."""
+    from gqa_uptrain import checkpoint
+    write_hf_dir(tmp_path / "hf", tiny_config, params)
+    log = []
+    real_get, real_rows = readers.SafetensorsFile.__getitem__, readers.SafetensorsFile.read_rows
+    real_flush = checkpoint.ParamsWriter.flush
+    monkeypatch.setattr(readers.SafetensorsFile, "__getitem__", lambda self, n: log.append(1) or real_get(self, n))
+    monkeypatch.setattr(readers.SafetensorsFile, "read_rows",  # the head is read in row blocks
+                        lambda self, n, a, b: (a == 0 and log.append(1)) or real_rows(self, n, a, b))
+    monkeypatch.setattr(checkpoint.ParamsWriter, "flush",
+                        lambda self: log.append(-len(self._pending)) or real_flush(self))
+    monkeypatch.setattr(checkpoint, "FLUSH_BYTES", 0)
+    rc, err = _run(capsys, "convert", "--source", tmp_path / "hf", "--num-kv-heads", 1, "--output", tmp_path / "g1",
+                   "--no-progress")
+    assert rc == 0, err
+    outstanding = np.cumsum(log)
+    assert sum(x for x in log if x > 0) == len(hf.name_map(tiny_config)) + 1  # every tensor read exactly once
+    assert outstanding.max() <= 4 and outstanding[-1] == 0
+    loaded = checkpoint.load_params(tmp_path / "g1")
+    from gqa_uptrain.convert import convert_params
+    _assert_same(loaded.params, _nested(convert_params(params, tiny_config, 1).params))
+    # Lazy reading of our own dir (orbax partial restore) gives the same tensors.
+    lazy = checkpoint.open_params(tmp_path / "g1").params
+    np.testing.assert_array_equal(lazy["decoder/layers_1/self_attention/key/kernel"],
+                                  loaded.params["decoder"]["layers_1"]["self_attention"]["key"]["kernel"])
 
 
 def _bad_case(tmp_path, tiny_config, params, case):
@@ -268,3 +302,31 @@ def test_compare_prints_a_row_per_method(tmp_path, tiny_config, params, capsys):
     assert all(np.isfinite(list(losses.values())))
     assert len(set(round(v, 6) for v in losses.values())) == 6  # methods differ
     assert float(lines["svd"][4]) < float(lines["mean"][4])  # K error column
+
+
+def test_blockwise_transpose_reads_rows(tmp_path, tiny_config, params):
+    """The vocab-sized head is transposed block by block from row reads; same result as a whole transpose."""
+    write_hf_dir(tmp_path / "hf", tiny_config, params, shards=2)
+    for f in (readers.SafetensorsFile(next((tmp_path / "hf").glob("*00001-of-*.safetensors"))),
+              readers.ShardedSafetensors(tmp_path / "hf" / "model.safetensors.index.json")):
+        name = next(n for n in f if f.shape(n)[0] == tiny_config.vocab_size or len(f.shape(n)) == 2)
+        want = np.ascontiguousarray(f[name].T)
+        got = hf._read_transposed(f, name, np.float32, block_bytes=7 * f.shape(name)[1] * 4)  # 7-row blocks
+        np.testing.assert_array_equal(got, want)
+        assert got.flags.c_contiguous
+
+
+def test_directories_from_earlier_versions_still_load(tmp_path, tiny_config, params):
+    """Converted dirs written before the streaming writer hold the pytree directly in DIR/params."""
+    import orbax.checkpoint as ocp
+
+    from gqa_uptrain import checkpoint
+    d = tmp_path / "old"
+    d.mkdir()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(d / checkpoint.PARAMS_DIR, params)
+    checkpoint.write_config_files(d, tiny_config)
+    _assert_same(checkpoint.load_params(d).params, params)
+    lazy = checkpoint.open_params(d).params
+    np.testing.assert_array_equal(lazy["encoder/layers_0/mlp/wo/kernel"],
+                                  params["encoder"]["layers_0"]["mlp"]["wo"]["kernel"])

@@ -220,10 +220,8 @@ def _versions() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from gqa_uptrain import convert, readers
-    from gqa_uptrain.checkpoint import save_params
+    from gqa_uptrain.checkpoint import write_checkpoint
 
     if args.source_format not in readers.FORMATS:
         raise ValueError(f"unknown --source-format {args.source_format!r}; choose one of {readers.FORMATS}")
@@ -244,60 +242,54 @@ def run(args: argparse.Namespace) -> int:
     if args.gin_file:
         from gqa_uptrain.cli.common import model_config
         gin_config = model_config(args)
-    bar = None if args.no_progress else _tqdm("read", "tensor")
-    t0 = time.time()
-    src = readers.read_source(source_path, args.source_format, gin_config, progress=bar)
-    t_read = time.time() - t0
+    src = readers.open_source(source_path, args.source_format, gin_config)  # names and shapes checked, no data read
     cfg = src.config
     convert.validate_target(cfg, args.num_kv_heads, args.layers)
-    flat = convert._flat(src.params)
-    src.params = None  # `flat` is now the only reference: one copy of the model in memory
 
     needs_calib = args.method in convert.DATA_METHODS or (args.compare and set(methods) & set(convert.DATA_METHODS))
+    # Calibration and --compare run the source model, so they need it in memory once; the data-free methods
+    # (mean, first, random) stream: read, convert and write one tensor (one attention module) at a time.
+    tensors = src.tensors
+    if needs_calib or args.compare:
+        tensors = src.load_all(None if args.no_progress else _tqdm("read", "tensor"))
     calibration, calib_desc = None, None
     if needs_calib:
         batch, calib_desc = _token_batch(args.calibration, cfg, args, "train", args.calibration_examples)
-        calibration = convert.collect_calibration(flat, cfg, *batch, layers=args.layers, seed=args.seed)
+        calibration = convert.collect_calibration(tensors, cfg, *batch, layers=args.layers, seed=args.seed)
         calib_desc = {"data": calib_desc, "examples": int(len(batch[0])), "rows_per_module": {
             k: int(v.shape[0]) for k, v in list(calibration.items())[:1]}}
 
     if args.compare:
-        _compare(flat, cfg, args, methods, calibration)
+        _compare(tensors, cfg, args, methods, calibration)
         if out is None:
             return 0
 
-    conv_bar = None if args.no_progress else _tqdm(f"convert ({args.method})", "module")
-    t1 = time.time()
-    res = convert.convert_params(flat, cfg, args.num_kv_heads, args.layers, args.method, args.seed, calibration,
-                                 progress=conv_bar, measure_error=calibration is not None)
-    t_convert = time.time() - t1
-    del flat
-    record = {
-        "source": str(source_path.absolute()), "source_format": src.format, "source_step": src.step,
-        "method": args.method, "num_kv_heads": args.num_kv_heads, "layers": args.layers, "seed": args.seed,
-        "calibration": calib_desc, "head_order": "contiguous: query head i uses kv head i // (num_heads / G)",
-        "source_config": cfg.to_dict(), "config": res.config.to_dict(), "grouping": res.grouping,
-        "versions": _versions(), "source_sha256": readers.sha256_files(src.files), "source_info": src.info,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    from flax import traverse_util
-    t2 = time.time()
-    # orbax copies numpy leaves twice while saving but jax arrays once (measured: 1.9x vs 0.9x of the model), so
-    # move tensors to jax one at a time, dropping each numpy array as we go.
-    import jax
-    flat_out = res.params
-    res.params = None
-    for k in list(flat_out):
-        flat_out[k] = jax.device_put(np.asarray(flat_out.pop(k)))
-    params = traverse_util.unflatten_dict(flat_out, sep="/")
-    del flat_out
-    save_params(out, params, res.config, {"step": src.step, "source_step": src.step, "converted_from": src.format,
-                                           "method": args.method},
-                overwrite=args.overwrite, extra_files={"conversion.json": json.dumps(record, indent=2) + "\n"})
-    print(f"wrote {out}: {res.config.num_heads} query heads, kv heads encoder={res.config.enc_kv_heads} "
-          f"decoder_self={res.config.dec_self_kv_heads} decoder_cross={res.config.dec_cross_kv_heads}, "
-          f"method={args.method}, source step={src.step} "
-          f"(read {t_read:.1f}s, convert {t_convert:.1f}s, write {time.time() - t2:.1f}s)", file=sys.stderr)
+    t0 = time.time()
+    grouping: dict[str, Any] = {}
+    new_config = convert.target_config(cfg, args.num_kv_heads, args.layers)
+    items = convert.iter_converted(tensors, cfg, args.num_kv_heads, args.layers, args.method, args.seed,
+                                   calibration, grouping, measure_error=calibration is not None)
+    if not args.no_progress:
+        from tqdm import tqdm
+        items = tqdm(items, total=len(tensors), desc=f"convert ({args.method})", unit="tensor", file=sys.stderr,
+                     leave=False)
+
+    def record() -> str:  # after the stream: grouping is filled in as modules are converted
+        return json.dumps({
+            "source": str(source_path.absolute()), "source_format": src.format, "source_step": src.step,
+            "method": args.method, "num_kv_heads": args.num_kv_heads, "layers": args.layers, "seed": args.seed,
+            "calibration": calib_desc, "head_order": "contiguous: query head i uses kv head i // (num_heads / G)",
+            "source_config": cfg.to_dict(), "config": new_config.to_dict(), "grouping": grouping,
+            "versions": _versions(), "source_sha256": readers.sha256_files(src.files), "source_info": src.info,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }, indent=2) + "\n"
+
+    write_checkpoint(out, new_config, items, {"step": src.step, "source_step": src.step,
+                                              "converted_from": src.format, "method": args.method},
+                     overwrite=args.overwrite, extra_files={"conversion.json": record}, source=str(src.path))
+    print(f"wrote {out}: {new_config.num_heads} query heads, kv heads encoder={new_config.enc_kv_heads} "
+          f"decoder_self={new_config.dec_self_kv_heads} decoder_cross={new_config.dec_cross_kv_heads}, "
+          f"method={args.method}, source step={src.step} ({time.time() - t0:.1f}s)", file=sys.stderr)
     return 0
 
 
