@@ -220,6 +220,15 @@ def eval_batches(cfg: TrainConfig) -> list[dict[str, np.ndarray]]:
 # ------------------------------------------------------------------------------------------------------------ loss
 
 
+def _argmax_last_axis(x: jax.Array) -> jax.Array:
+    """[..., n] -> [...] int32: jnp.argmax(x, -1) for NaN-free x (the first index attaining the maximum), written as
+    a max and a min reduction: XLA:CPU's variadic (value, index) argmax reduction took ~5 ms on the
+    [16, 32, 4224] logits, several times the whole loss; the max is shared with logsumexp."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1)
+
+
 def _loss_sums(config: ModelConfig, params: Any, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None,
                z_loss: float) -> dict[str, jax.Array]:
     """Sums over the target tokens of one (micro)batch: cross-entropy, z-loss, correct predictions, weight."""
@@ -235,7 +244,7 @@ def _loss_sums(config: ModelConfig, params: Any, batch: Mapping[str, jax.Array],
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     ce = logz - target_logit
     return {"cross_entropy": jnp.sum(ce * weights), "z_loss": jnp.sum(z_loss * jnp.square(logz) * weights),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == targets) * weights), "weight": jnp.sum(weights)}
+            "correct": jnp.sum((_argmax_last_axis(logits) == targets) * weights), "weight": jnp.sum(weights)}
 
 
 def _normalizer(cfg: TrainConfig, batch: Mapping[str, jax.Array]) -> jax.Array:

@@ -117,6 +117,15 @@ def test_loss_sums_match_numpy(tiny_config, rng):
     assert float(sums["correct"]) == ((logits.argmax(-1) == t) * w).sum()
 
 
+def test_argmax_last_axis_matches_jnp_argmax_including_ties():
+    r = np.random.RandomState(0)
+    x = r.randint(0, 4, size=(3, 5, 17)).astype(np.float32)  # many ties: the first maximum must win
+    x[0, 0] = 0.0
+    x[1, 2, 16] = 9.0
+    got = jax.jit(train_lib._argmax_last_axis)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got), x.argmax(-1))
+
+
 def test_loss_normalizing_factor_choices():
     batch = {"decoder_target_tokens": jnp.array([[3, 4, 0], [5, 0, 0]]),
              "decoder_loss_weights": jnp.array([[1, 1, 0], [1, 0, 0]])}
