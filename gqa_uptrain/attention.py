@@ -8,6 +8,7 @@ Conventions (checked by tests):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -30,21 +31,101 @@ def sum_leading_axes(x: Array, num_axes: int) -> Array:
     return jnp.matmul(ones, x.reshape(lead, -1), precision=jax.lax.Precision.HIGHEST).reshape(x.shape[num_axes:])
 
 
-@jax.custom_vjp
-def add_batch_broadcast(x: Array, y: Array) -> Array:
-    """x [batch, ...] + y [1, ...] (a bias shared by the batch); y's gradient is a batch sum."""
-    return x + y
+def sum_last_axis(x: Array) -> Array:
+    """[..., n] -> [..., 1]: the row sums as a ones-vector GEMV, several times faster on XLA:CPU than its reduction
+    over the minor axis."""
+    n = x.shape[-1]
+    ones = jnp.ones((n, 1), x.dtype)
+    return jnp.matmul(x.reshape(-1, n), ones, precision=jax.lax.Precision.HIGHEST).reshape(*x.shape[:-1], 1)
 
 
-def _add_batch_broadcast_fwd(x, y):
-    return x + y, None
+def max_last_axis(x: Array) -> Array:
+    """[..., n] -> [..., 1]: the row maxima as a halving tree of elementwise maxima, which XLA fuses into
+    elementwise passes that beat XLA:CPU's minor-axis reduction. When n is odd the halves share the middle
+    element (max is idempotent)."""
+    while x.shape[-1] > 1:
+        n = x.shape[-1]
+        h = (n + 1) // 2
+        x = jnp.maximum(x[..., :h], x[..., n - h:])
+    return x
 
 
-def _add_batch_broadcast_bwd(_, g):
-    return g, sum_leading_axes(g, 1)[None]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def softmax_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None, keep: Array | None,
+                      dropout_rate: float) -> Array:
+    """dropout(softmax(where(mask, q k^T + bias, BIG_NEG))) v for each key/value group; softmax in float32.
+
+    Args:
+      q: [b, g, r, q_len, d]: the r query heads that share key/value group g.
+      k, v: [b, g, kv_len, d].
+      bias: None or float32 [1 or b, g, r, q_len, kv_len].
+      mask: None or boolean broadcastable to [b, g, r, q_len, kv_len]; True = attend. Rows with nothing to attend
+        to get uniform weights and pass no gradient (as jax.nn.softmax over BIG_NEG does).
+      keep: None or the boolean dropout keep mask [b, g, r, q_len, kv_len]; kept weights are scaled by
+        1 / (1 - dropout_rate).
+    Returns:
+      [b, g, r, q_len, d] in q.dtype.
+
+    The GEMMs see [b, g, r*q_len, ...] (plain 4-D batched matmuls, contiguous on every backend; a 5-D einsum over
+    (g, r) made XLA:CPU's backward ~2x slower). The VJP is written out because XLA:CPU's time here goes to
+    elementwise passes and reductions over the [b, g, r*q_len, kv_len] weights, and this needs fewer of them:
+    the forward applies 1/sum to the [.., d] output instead of the weights; the backward's row sum
+    sum_k(dL/dp * p) is do.o over d (as in FlashAttention) instead of a sum over kv_len, and the weights'
+    gradient is one elementwise pass.
+    """
+    return _softmax_attention_fwd(q, k, v, bias, mask, keep, dropout_rate)[0]
 
 
-add_batch_broadcast.defvjp(_add_batch_broadcast_fwd, _add_batch_broadcast_bwd)
+def _dropout_scale(keep: Array, dropout_rate: float) -> Array:
+    return jnp.where(keep, 1.0 / (1.0 - dropout_rate), 0.0)
+
+
+def _softmax_attention_fwd(q, k, v, bias, mask, keep, dropout_rate):
+    b, g, r, lq, d = q.shape
+    q4 = q.reshape(b, g, r * lq, d)
+    x = jnp.einsum("bgmd,bgkd->bgmk", q4, k, preferred_element_type=jnp.float32).reshape(b, g, r, lq, -1)
+    if bias is not None:
+        x = x + bias
+    if mask is not None:
+        x = jnp.where(mask, x, BIG_NEG)
+    e = jnp.exp(x - max_last_axis(x))  # unnormalised weights [b, g, r, lq, lk]
+    inv_sum = 1.0 / sum_last_axis(e)  # [b, g, r, lq, 1]
+    w = e if keep is None else e * _dropout_scale(keep, dropout_rate)
+    o = jnp.einsum("bgmk,bgkd->bgmd", w.reshape(b, g, r * lq, -1).astype(v.dtype), v,
+                   preferred_element_type=jnp.float32).reshape(b, g, r, lq, d) * inv_sum
+    # The logits' gradient is zero where masked: e is exactly 0 there, except in rows with nothing to attend to
+    # (uniform weights), which this zero factor covers. Cheaper than a select over the weights' gradient.
+    inv_sum_attending = inv_sum if mask is None else jnp.where(jnp.any(mask, -1, keepdims=True), inv_sum, 0.0)
+    return o.astype(q.dtype), (q, k, v, bias, keep, e, inv_sum, inv_sum_attending, o)
+
+
+def _softmax_attention_bwd(dropout_rate, res, do):
+    q, k, v, bias, keep, e, inv_sum, inv_sum_attending, o = res
+    b, g, r, lq, d = q.shape
+    f32 = jnp.float32
+    do = do.astype(f32)
+    # The forward's 1/sum, applied to the [.., d] tensors: p = e * inv_sum is never formed.
+    w = e if keep is None else e * _dropout_scale(keep, dropout_rate)
+    dv = jnp.einsum("bgmk,bgmd->bgkd", w.reshape(b, g, r * lq, -1), (do * inv_sum).reshape(b, g, r * lq, d))
+    do_s = (do * inv_sum_attending).reshape(b, g, r * lq, d)
+    dw = jnp.einsum("bgmd,bgkd->bgmk", do_s, v.astype(f32)).reshape(e.shape)  # dL/dweights * inv_sum
+    if keep is not None:
+        dw = dw * _dropout_scale(keep, dropout_rate)
+    row = jnp.sum(do * o, axis=-1, keepdims=True) * inv_sum_attending  # sum_k(dL/dp * p) * inv_sum
+    ds = e * (dw - row)  # = p * (dL/dp - sum_k(dL/dp * p)), the logits' gradient
+    ds4 = ds.reshape(b, g, r * lq, -1)
+    dq = jnp.einsum("bgmk,bgkd->bgmd", ds4, k.astype(f32)).reshape(q.shape)
+    dk = jnp.einsum("bgmk,bgmd->bgkd", ds4, q.reshape(b, g, r * lq, d).astype(f32))
+    if bias is None:
+        dbias = None
+    elif bias.shape[0] == 1 and b != 1:
+        dbias = sum_leading_axes(ds, 1)[None]  # a bias shared by the batch: its gradient is a batch sum
+    else:
+        dbias = ds
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, None
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def grouped_dot_product_attention(
@@ -76,26 +157,21 @@ def grouped_dot_product_attention(
         raise ConfigError(f"num_heads={h} is not divisible by num_kv_heads={g}")
     r = h // g
     lk = key.shape[1]
-    # Heads-major layout with plain 4-D batched matmuls: [b, g, r*q, d] x [b, g, k, d]. XLA lowers these to
-    # contiguous GEMMs; a 5-D einsum over (g, r) made the backward pass ~2x slower on CPU.
-    q = query.reshape(b, lq, g, r, d).transpose(0, 2, 3, 1, 4).reshape(b, g, r * lq, d)
+    # Heads-major: query head i = (group i // r, member i % r), contiguous groups as HF's repeat_kv.
+    q = query.reshape(b, lq, g, r, d).transpose(0, 2, 3, 1, 4)
     k = key.transpose(0, 2, 1, 3)
     v = value.transpose(0, 2, 1, 3)
-    logits = jnp.einsum("bgmd,bgkd->bgmk", q, k, preferred_element_type=jnp.float32).reshape(b, g, r, lq, lk)
     if bias is not None:
         bias = jnp.broadcast_to(bias, (bias.shape[0], h, lq, lk)).reshape(bias.shape[0], g, r, lq, lk)
         bias = bias.astype(jnp.float32)
-        logits = add_batch_broadcast(logits, bias) if bias.shape[0] == 1 else logits + bias
     if mask is not None:
         mh = mask.shape[1]
         mask = mask.reshape(mask.shape[0], g if mh == h else 1, r if mh == h else 1, lq, lk)
-        logits = jnp.where(mask, logits, BIG_NEG)
-    weights = jax.nn.softmax(logits, axis=-1)
+    keep = None
     if not deterministic and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bgmk,bgkd->bgmd", weights.reshape(b, g, r * lq, lk).astype(value.dtype), v)
-    return out.reshape(b, g, r, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, g, r, lq, lk))
+    out = softmax_attention(q, k, v, bias, mask, keep, dropout_rate)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
 
 
 def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,

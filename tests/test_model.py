@@ -210,21 +210,15 @@ def test_kv_cache_bytes(tiny_config):
 
 
 def test_custom_reduction_gradients_match_autodiff():
-    from gqa_uptrain.attention import add_batch_broadcast, sum_leading_axes
+    from gqa_uptrain.attention import max_last_axis, sum_last_axis, sum_leading_axes
     from gqa_uptrain.model import _scale_features
     r = np.random.RandomState(3)
-    x = jnp.asarray(r.randn(4, 2, 3, 5, 6).astype(np.float32))
-    bias = jnp.asarray(r.randn(1, 2, 3, 5, 6).astype(np.float32))
+    x = jnp.asarray(r.randn(4, 2, 3, 5, 7).astype(np.float32))
     np.testing.assert_allclose(np.asarray(sum_leading_axes(x, 2)), np.asarray(x.sum((0, 1))), rtol=1e-5, atol=1e-5)
-
-    def f(custom):
-        def loss(x, b):
-            y = add_batch_broadcast(x, b) if custom else x + b
-            return jnp.sum(jnp.tanh(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape))
-        return jax.grad(loss, argnums=(0, 1))(x, bias)
-    for got, want in zip(f(True), f(False)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    scale = jnp.asarray(r.randn(6).astype(np.float32))
+    np.testing.assert_allclose(np.asarray(sum_last_axis(x)), np.asarray(x.sum(-1, keepdims=True)), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(max_last_axis(x)), np.asarray(x.max(-1, keepdims=True)))  # odd n
+    scale = jnp.asarray(r.randn(7).astype(np.float32))
 
     def g(custom):
         def loss(x, s):
@@ -232,4 +226,46 @@ def test_custom_reduction_gradients_match_autodiff():
             return jnp.sum(jnp.sin(y))
         return jax.grad(loss, argnums=(0, 1))(x, scale)
     for got, want in zip(g(True), g(False)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def _autodiff_softmax_attention(q, k, v, bias, mask, keep, rate):
+    """The plain formulation softmax_attention's custom VJP must agree with."""
+    b, g, r, lq, d = q.shape
+    x = jnp.einsum("bgrqd,bgkd->bgrqk", q, k)
+    if bias is not None:
+        x = x + bias
+    if mask is not None:
+        x = jnp.where(mask, x, -1e10)
+    w = jax.nn.softmax(x, axis=-1)
+    if keep is not None:
+        w = jnp.where(keep, w / (1.0 - rate), 0.0)
+    return jnp.einsum("bgrqk,bgkd->bgrqd", w, v)
+
+
+@pytest.mark.parametrize("bias_batch,mask_heads,dropout", [(1, 1, False), (3, 2, True), (None, 1, True),
+                                                           (1, None, False)])
+def test_softmax_attention_vjp_matches_autodiff(bias_batch, mask_heads, dropout):
+    """Gradients of every input, with rows that attend to nothing (their weights are uniform, their logits get no
+    gradient) and a cotangent that is nonzero on those rows too."""
+    from gqa_uptrain.attention import softmax_attention
+    b, g, r, lq, lk, d, rate = 3, 2, 2, 5, 6, 4, 0.3
+    rs = np.random.RandomState(0)
+    q, k, v = (jnp.asarray(rs.randn(*s).astype(np.float32)) for s in ((b, g, r, lq, d), (b, g, lk, d), (b, g, lk, d)))
+    bias = None if bias_batch is None else jnp.asarray(rs.randn(bias_batch, g, r, lq, lk).astype(np.float32))
+    mask = None
+    if mask_heads is not None:
+        m = rs.rand(b, mask_heads, 1, lq, lk) > 0.3
+        m[0, 0, 0, 1] = False  # a query with nothing to attend to
+        mask = jnp.asarray(m)
+    keep = jnp.asarray(rs.rand(b, g, r, lq, lk) > rate) if dropout else None
+    ct = jnp.asarray(rs.randn(b, g, r, lq, d).astype(np.float32))
+
+    def grads(f):
+        return jax.grad(lambda q, k, v, bias: jnp.sum(f(q, k, v, bias, mask, keep, rate) * ct),
+                        argnums=(0, 1, 2, 3) if bias is not None else (0, 1, 2))(q, k, v, bias)
+    np.testing.assert_allclose(np.asarray(softmax_attention(q, k, v, bias, mask, keep, rate)),
+                               np.asarray(_autodiff_softmax_attention(q, k, v, bias, mask, keep, rate)),
+                               rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads(softmax_attention), grads(_autodiff_softmax_attention)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
