@@ -80,6 +80,13 @@ def _softmax_attention_fwd(q, k, v, bias, mask, keep, dropout_rate):
     return o.astype(q.dtype), (q, k, v, bias, keep, e, inv_sum, inv_sum_attending, o)
 
 
+def _contract_rows(x: Array, y: Array) -> Array:
+    """x [b, g, m, k], y [b, g, m, d] -> x^T y [b, g, k, d], computed as (y^T x)^T: XLA:CPU runs the [d, m] x [m, k]
+    product on its fast GEMM path (YNNPACK) but x^T y on a slower one (~2x, 2.9 vs 1.5 ms at [16, 8, 128, 128]
+    including the transpose to token-major that follows)."""
+    return jnp.einsum("bgdm,bgmk->bgdk", y.swapaxes(-1, -2), x).swapaxes(-1, -2)
+
+
 def _softmax_attention_bwd(dropout_rate, res, do):
     q, k, v, bias, keep, e, inv_sum, inv_sum_attending, o = res
     b, g, r, lq, d = q.shape
@@ -87,7 +94,7 @@ def _softmax_attention_bwd(dropout_rate, res, do):
     do = do.astype(f32)
     # The forward's 1/sum, applied to the [.., d] tensors: p = e * inv_sum is never formed.
     w = e if keep is None else e * _dropout_scale(keep, dropout_rate)
-    dv = jnp.einsum("bgmk,bgmd->bgkd", w.reshape(b, g, r * lq, -1), (do * inv_sum).reshape(b, g, r * lq, d))
+    dv = _contract_rows(w.reshape(b, g, r * lq, -1), (do * inv_sum).reshape(b, g, r * lq, d))
     do_s = (do * inv_sum_attending).reshape(b, g, r * lq, d)
     dw = jnp.einsum("bgmd,bgkd->bgmk", do_s, v.astype(f32)).reshape(e.shape)  # dL/dweights * inv_sum
     if keep is not None:
@@ -96,7 +103,7 @@ def _softmax_attention_bwd(dropout_rate, res, do):
     ds = e * (dw - row)  # = p * (dL/dp - sum_k(dL/dp * p)), the logits' gradient
     ds4 = ds.reshape(b, g, r * lq, -1)
     dq = jnp.einsum("bgmk,bgkd->bgmd", ds4, k.astype(f32)).reshape(q.shape)
-    dk = jnp.einsum("bgmk,bgmd->bgkd", ds4, q.reshape(b, g, r * lq, d).astype(f32))
+    dk = _contract_rows(ds4, q.reshape(b, g, r * lq, d).astype(f32))
     if bias is None:
         dbias = None
     elif bias.shape[0] == 1 and b != 1:
