@@ -8,6 +8,8 @@ Run directory (MODEL_DIR):
   config.json, model.gin            the model (so `checkpoint.load_params(MODEL_DIR)` works)
   train_config.json                 the resolved TrainConfig of the first launch
   checkpoints/<step>/{params,opt_state,data}   ocp.CheckpointManager items; `data` is JSON with the data position
+  best/                             with keep_best: config.json + checkpoints/<step>/params, the parameters with the
+                                    lowest eval loss so far (`checkpoint.load_params(MODEL_DIR/best)`)
   metrics.jsonl, tensorboard/       train / eval metrics
 
 Determinism and resumption: the seqio pipeline is deterministic for a fixed seed (shuffle and span-corruption noise
@@ -86,6 +88,7 @@ class TrainConfig:
     # Checkpoints.
     save_every: int = 1000
     keep_checkpoints: int | None = 3
+    keep_best: bool = False  # also keep the parameters with the lowest eval loss in MODEL_DIR/best (needs eval)
     async_checkpointing: bool = True
     # Evaluation on fixed validation examples (0 disables).
     eval_every: int = 1000
@@ -370,6 +373,19 @@ def _global_from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+BEST_DIR = "best"
+
+
+def _best_manager(model_dir: pathlib.Path, cfg: TrainConfig):
+    """Parameters of the lowest-eval-loss step: orbax keeps the single best of the saves it is given."""
+    import orbax.checkpoint as ocp
+    from gqa_uptrain.checkpoint import TRAIN_CHECKPOINTS_DIR
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["loss"], best_mode="min",
+                                           create=True, enable_async_checkpointing=cfg.async_checkpointing)
+    return ocp.CheckpointManager((model_dir / BEST_DIR / TRAIN_CHECKPOINTS_DIR).absolute(),
+                                 item_names=("params",), options=options)
+
+
 def _checkpoint_manager(model_dir: pathlib.Path, cfg: TrainConfig):
     import orbax.checkpoint as ocp
     from gqa_uptrain.checkpoint import TRAIN_CHECKPOINTS_DIR
@@ -505,6 +521,11 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
 
         writer = MetricWriter(model_dir, enabled=primary, tensorboard=cfg.tensorboard)
         evals = eval_batches(cfg) if cfg.eval_every and cfg.eval_examples else []
+        if cfg.keep_best and not evals:
+            raise ValueError("keep_best needs evaluation: set EVAL_EVERY and EVAL_EXAMPLES > 0")
+        best_mngr = _best_manager(model_dir, cfg) if cfg.keep_best else None
+        if best_mngr is not None and primary:
+            ckpt_lib.write_config_files(model_dir / BEST_DIR, model_config)
         eval_arrays = [{k: _global_from_host(v, batch_sharding) for k, v in b.items()} for b in evals]
 
         def run_eval(step: int) -> dict[str, float]:
@@ -564,11 +585,18 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                     last_saved = step
                 if eval_arrays and (step % cfg.eval_every == 0 or step == train_steps):
                     eval_history.append({"step": step, **run_eval(step)})
+                    if best_mngr is not None:
+                        best_mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+                                       metrics={"loss": eval_history[-1]["loss"]}, force=True)
             if last_saved != step:
                 save(step)
             mngr.wait_until_finished()
+            if best_mngr is not None:
+                best_mngr.wait_until_finished()
         finally:
             bar.close()
             writer.close()
             mngr.close()
+            if best_mngr is not None:
+                best_mngr.close()
     return TrainResult(params, opt_state, step, history, eval_history, resumed_from)
