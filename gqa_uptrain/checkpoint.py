@@ -220,7 +220,12 @@ def _restore_args(config: ModelConfig):
 
 def _pytree_dir(params_dir: pathlib.Path) -> pathlib.Path:
     """The directory holding the pytree: DIR/params/state (ParamsWriter) or DIR/params (earlier versions)."""
-    return params_dir if (params_dir / "_METADATA").exists() else params_dir / "state"
+    if (params_dir / "_METADATA").exists():
+        return params_dir
+    found = sorted(p.parent for p in params_dir.glob("*/_METADATA"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{params_dir} is not a complete orbax checkpoint (no pytree _METADATA found)")
+    return found[0]
 
 
 def _locate(directory: str | os.PathLike, step: int | None) -> tuple[ModelConfig, dict[str, Any], int | None,

@@ -330,3 +330,11 @@ def test_directories_from_earlier_versions_still_load(tmp_path, tiny_config, par
     lazy = checkpoint.open_params(d).params
     np.testing.assert_array_equal(lazy["encoder/layers_0/mlp/wo/kernel"],
                                   params["encoder"]["layers_0"]["mlp"]["wo"]["kernel"])
+
+
+def test_incomplete_params_dir_is_a_clear_error(tmp_path, tiny_config):
+    from gqa_uptrain import checkpoint
+    (tmp_path / "bad" / checkpoint.PARAMS_DIR).mkdir(parents=True)
+    checkpoint.write_config_files(tmp_path / "bad", tiny_config)
+    with pytest.raises(FileNotFoundError, match="not a complete orbax checkpoint"):
+        checkpoint.load_params(tmp_path / "bad")
