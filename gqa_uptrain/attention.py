@@ -41,7 +41,7 @@ def softmax_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: Ar
       k, v: [b, g, kv_len, d].
       bias: None or float32 [1 or b, g, r, q_len, kv_len].
       mask: None or boolean broadcastable to [b, g, r, q_len, kv_len]; True = attend. Rows with nothing to attend
-        to get uniform weights and pass no gradient (as jax.nn.softmax over BIG_NEG does).
+        to get uniform weights (for logits below 512 in magnitude; the mask is added as BIG_NEG) and pass no gradient.
       keep: None or the boolean dropout keep mask [b, g, r, q_len, kv_len]; kept weights are scaled by
         1 / (1 - dropout_rate).
     Returns:
@@ -68,7 +68,10 @@ def _softmax_attention_fwd(q, k, v, bias, mask, keep, dropout_rate):
     if bias is not None:
         x = x + bias
     if mask is not None:
-        x = jnp.where(mask, x, BIG_NEG)
+        # Additive (0 / BIG_NEG) rather than a select: XLA:CPU then fuses the logits GEMM, bias, mask, max and exp
+        # into one YNNPACK fusion instead of a separate select pass over [b, g, r, q_len, kv_len]. Same weights:
+        # x + BIG_NEG rounds to BIG_NEG for |x| < 512 (half its float32 ulp), and exp underflows to 0 either way.
+        x = x + jnp.where(mask, 0.0, BIG_NEG)
     e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # unnormalised weights [b, g, r, lq, lk]
     inv_sum = 1.0 / jnp.sum(e, axis=-1, keepdims=True)  # [b, g, r, lq, 1]
     w = e if keep is None else e * _dropout_scale(keep, dropout_rate)
