@@ -65,13 +65,18 @@ def _softmax_attention_fwd(q, k, v, bias, mask, keep, dropout_rate):
     b, g, r, lq, d = q.shape
     q4 = q.reshape(b, g, r * lq, d)
     x = jnp.einsum("bgmd,bgkd->bgmk", q4, k, preferred_element_type=jnp.float32).reshape(b, g, r, lq, -1)
-    if bias is not None:
-        x = x + bias
+    # The mask is added (0 / BIG_NEG) rather than selected: XLA:CPU then fuses the logits GEMM, the additive term,
+    # max and exp into one YNNPACK fusion instead of a separate select pass over [b, g, r, q_len, kv_len]. Same
+    # weights: x + BIG_NEG rounds to BIG_NEG for |x| < 512 (half its float32 ulp), and exp underflows to 0 either
+    # way. Bias and mask are summed first: YNNPACK takes the term broadcast to the full logits shape, and one
+    # such tensor (shared by the layers of a stack) is half the memory traffic of two.
+    add = None
     if mask is not None:
-        # Additive (0 / BIG_NEG) rather than a select: XLA:CPU then fuses the logits GEMM, bias, mask, max and exp
-        # into one YNNPACK fusion instead of a separate select pass over [b, g, r, q_len, kv_len]. Same weights:
-        # x + BIG_NEG rounds to BIG_NEG for |x| < 512 (half its float32 ulp), and exp underflows to 0 either way.
-        x = x + jnp.where(mask, 0.0, BIG_NEG)
+        add = jnp.where(mask, 0.0, BIG_NEG)
+    if bias is not None:
+        add = bias if add is None else bias + add
+    if add is not None:
+        x = x + add
     e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # unnormalised weights [b, g, r, lq, lk]
     inv_sum = 1.0 / jnp.sum(e, axis=-1, keepdims=True)  # [b, g, r, lq, 1]
     w = e if keep is None else e * _dropout_scale(keep, dropout_rate)
