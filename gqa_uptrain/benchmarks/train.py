@@ -4,6 +4,7 @@ Both sides: the same T5.1.1 architecture (gated-GELU, untied logits, relative po
 random tokens, float32 on CPU, one optimiser step per iteration (ours: optax Adafactor as in training; HF:
 transformers' Adafactor with a fixed learning rate, no relative step). Tokens/s counts encoder + decoder tokens.
 Warm-up iterations (compilation) are excluded; the median of the timed iterations is reported.
+The process keeps freed host memory mapped (gqa_uptrain.hostmem, as training does); it applies to both sides.
 """
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ def bench_hf(cfg, batch, steps, warmup) -> float:
 def run(args: argparse.Namespace) -> int:
     import platform
 
+    from gqa_uptrain.hostmem import retain_freed_memory
+    retain_freed_memory()  # as `gqa-uptrain train` does (before XLA starts its threads); see gqa_uptrain.hostmem
     from gqa_uptrain.cli.common import model_config
     cfg = model_config(args).replace(dtype="float32", dropout_rate=0.0)
     batch = _batch(cfg, args.batch_size, args.inputs_length, args.targets_length)

@@ -133,6 +133,8 @@ def resolve_model_config(tcfg):
 
 
 def run(args: argparse.Namespace) -> int:
+    from gqa_uptrain.hostmem import retain_freed_memory
+    retain_freed_memory()  # before XLA starts its threads: no per-step page faults on the step's temp buffer
     if args.coordinator_address or args.distributed or args.cpu_devices:
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.cpu_devices)
     register_gin()
