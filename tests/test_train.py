@@ -64,6 +64,30 @@ def test_adafactor_matches_t5x_defaults_on_one_step():
     np.testing.assert_allclose(np.asarray(upd["w"]), -0.01 * scale * u, rtol=2e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("kw", [{}, {"momentum": 0.9, "weight_decay_rate": 1e-3},
+                                {"clipping_threshold": None, "multiply_by_parameter_scale": False}])
+def test_make_optimizer_is_optax_adafactor(kw):
+    """Same state tree and bit-identical updates as optax.adafactor (make_optimizer only swaps in a cheaper
+    parameter-scale step), including a parameter whose RMS is below the 1e-3 floor."""
+    cfg = OptimizerConfig(**kw)
+    ref = optax.adafactor(learning_rate=learning_rate_schedule(cfg), min_dim_size_to_factor=cfg.min_dim_size_to_factor,
+                          decay_rate=cfg.decay_rate, multiply_by_parameter_scale=cfg.multiply_by_parameter_scale,
+                          clipping_threshold=cfg.clipping_threshold, momentum=cfg.momentum,
+                          weight_decay_rate=cfg.weight_decay_rate, eps=cfg.eps, factored=True)
+    opt = make_optimizer(cfg)
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"w": jax.random.normal(k[0], (256, 128)), "tiny": jax.random.normal(k[1], (128,)) * 1e-4,
+              "small": jax.random.normal(k[2], (4, 8))}
+    grads = jax.tree.map(lambda x: 0.3 * x + 0.01, params)
+    s_ref, s_new = ref.init(params), opt.init(params)
+    assert jax.tree.structure(s_ref) == jax.tree.structure(s_new)
+    for _ in range(3):
+        u_ref, s_ref = ref.update(grads, s_ref, params)
+        u_new, s_new = opt.update(grads, s_new, params)
+        for a, b in zip(jax.tree.leaves((u_ref, s_ref)), jax.tree.leaves((u_new, s_new))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_opt_state_specs_follow_factored_axes():
     params = {"w": jax.ShapeDtypeStruct((256, 128), jnp.float32), "b": jax.ShapeDtypeStruct((128,), jnp.float32),
               "k": jax.ShapeDtypeStruct((64, 32), jnp.float32)}
