@@ -1,10 +1,11 @@
-"""Host allocator settings for long-running XLA:CPU processes (training, the training benchmark).
+"""Host allocator settings for long-running XLA:CPU processes (train, infer, eval and their benchmarks).
 
 XLA:CPU allocates one temp buffer per executable run (the jitted train step of tiny.gin: 106 MB) and frees it when
 the run ends. glibc serves allocations above its mmap threshold (at most 32 MB) with a fresh mmap and gives them back
 with munmap, so every step page-faults the whole buffer in again: ~26,000 minor faults and ~50 ms of kernel CPU
 time per tiny.gin step, about a fifth of the step's wall time on 2 cores. Serving large blocks from the heap and not
-trimming it keeps the pages mapped from one step to the next (~1,100 faults per step).
+trimming it keeps the pages mapped from one step to the next (~1,100 faults per step). Inference is affected the same
+way: the T5.1.1-Small encoder forward over 8 x 512 tokens takes ~1.05 s with these settings and 1.3-1.4 s without.
 
 Process-wide and not undone; call it at the start of a command, before XLA's threads start. It never changes a
 result. Off with GQA_UPTRAIN_MALLOC=system (e.g. when LD_PRELOADing tcmalloc or jemalloc, which retain freed memory

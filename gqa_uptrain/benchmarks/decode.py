@@ -211,6 +211,8 @@ def time_hf_subprocess(cfg, batch: int, input_len: int, output_len: int, repeats
 
 def _hf_worker(spec: str) -> int:
     from gqa_uptrain.config import ModelConfig
+    from gqa_uptrain.hostmem import retain_freed_memory
+    retain_freed_memory()  # the same allocator settings as our side
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -276,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from gqa_uptrain.cli.common import model_config
+    from gqa_uptrain.hostmem import retain_freed_memory
+    retain_freed_memory()  # as `infer` / `eval` do; the HF worker process applies it too
 
     base = model_config(args)
     if args.dtype != "model":

@@ -145,6 +145,8 @@ def _loss(config, params, examples, batch_size: int, quiet: bool) -> dict:
 def run(args: argparse.Namespace) -> int:
     import pathlib
 
+    from gqa_uptrain.hostmem import retain_freed_memory
+    retain_freed_memory()  # before XLA's threads start: no page faults on each call's temp buffers
     from gqa_uptrain import evaluate
     from gqa_uptrain.checkpoint import load_params
     from gqa_uptrain.cli.infer_cmd import make_generator, vocabulary

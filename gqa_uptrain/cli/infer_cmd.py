@@ -123,6 +123,8 @@ def _read_inputs(path: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from gqa_uptrain.checkpoint import load_params
+    from gqa_uptrain.hostmem import retain_freed_memory
+    retain_freed_memory()  # before XLA's threads start: no page faults on each call's temp buffers
 
     texts = _read_inputs(args.input)
     ckpt = load_params(args.checkpoint, args.step)
