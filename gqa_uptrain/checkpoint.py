@@ -96,7 +96,6 @@ class ParamsWriter:
         self.flush_bytes = FLUSH_BYTES if flush_bytes is None else flush_bytes
         self._pending: dict[str, np.ndarray] = {}
         self._pending_bytes = 0
-        self.bytes_written = 0
         self._context = ocp_v1.Context()
         self._context.array.saving.use_compression = False
         # Our arrays are never mutated after `add`, so orbax need not copy host arrays before writing them.
@@ -115,10 +114,9 @@ class ParamsWriter:
         from flax import traverse_util
         from orbax.checkpoint.experimental.v1 import partial
         tree = traverse_util.unflatten_dict(self._pending, sep="/")
-        self._pending, written, self._pending_bytes = {}, self._pending_bytes, 0
+        self._pending, self._pending_bytes = {}, 0
         with self._context:
             partial.save(self.path, tree)
-        self.bytes_written += written
 
     def close(self) -> None:
         from orbax.checkpoint.experimental.v1 import partial
@@ -169,15 +167,15 @@ def save_params(output: str | os.PathLike, params: Any, config: ModelConfig, met
                 overwrite: bool = False, extra_files: dict[str, str] | None = None) -> pathlib.Path:
     """Write an in-memory params tree (nested or flat) with config.json, model.gin and manifest.json to `output`."""
     check_params_match_config(params, config)
-    return write_checkpoint(output, config, _flat_items(params), metadata, overwrite, extra_files)
+    return write_checkpoint(output, config, flat_params(params).items(), metadata, overwrite, extra_files)
 
 
-def _flat_items(params: Any) -> Iterator[tuple[str, Any]]:
+def flat_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Flat 'a/b/kernel' view of params; an already flat mapping (possibly lazy) is returned as is."""
     from flax import traverse_util
-    if isinstance(params, Mapping) and all(isinstance(k, str) and "/" in k for k in params):
-        yield from params.items()
-    else:
-        yield from traverse_util.flatten_dict(params, sep="/").items()
+    if params and all(isinstance(k, str) and "/" in k for k in params):
+        return params
+    return traverse_util.flatten_dict(dict(params), sep="/")
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -263,32 +261,23 @@ def load_params(directory: str | os.PathLike, step: int | None = None) -> Loaded
     return LoadedCheckpoint(config, params, metadata, step)
 
 
-class LazyParams(Mapping):
-    """Read-only flat mapping 'encoder/layers_0/.../kernel' -> numpy array, each read from disk on lookup.
+class TensorSource(Mapping):
+    """Lazy flat mapping our name ('decoder/layers_0/mlp/wo/kernel') -> float32 numpy array in our layout.
 
-    Lets the converter and exporter stream a checkpoint one tensor at a time (orbax partial restore)."""
+    Shapes are known (and were checked) before any data is read; each lookup reads one tensor from disk, which lets
+    the converter and exporter stream a checkpoint one tensor at a time."""
 
-    def __init__(self, pytree_dir: pathlib.Path, config: ModelConfig):
-        import orbax.checkpoint as ocp
-        self.pytree_dir = pytree_dir
-        self._shapes = expected_shapes(config)
-        self._ckptr = ocp.PyTreeCheckpointer()  # one for all lookups: creating one costs more than a small read
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np.ndarray]):
+        self._shapes = dict(shapes)
+        self._load = load
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
     def __getitem__(self, name: str) -> np.ndarray:
-        import orbax.checkpoint as ocp
-        from flax import traverse_util
         if name not in self._shapes:
             raise KeyError(name)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        item = traverse_util.unflatten_dict({name: jax.ShapeDtypeStruct(self._shapes[name], np.float32,
-                                                                        sharding=device)}, sep="/")
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
-        out = self._ckptr.restore(self.pytree_dir, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
-        return np.asarray(traverse_util.flatten_dict(out, sep="/")[name])
+        return self._load(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._shapes)
@@ -297,10 +286,29 @@ class LazyParams(Mapping):
         return len(self._shapes)
 
 
+def _partial_restore_loader(pytree_dir: pathlib.Path, shapes: Mapping[str, tuple[int, ...]]
+                            ) -> Callable[[str], np.ndarray]:
+    """name -> that one float32 tensor, read with an orbax partial restore."""
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+    ckptr = ocp.PyTreeCheckpointer()  # one for all lookups: creating one costs more than a small read
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def load(name: str) -> np.ndarray:
+        item = traverse_util.unflatten_dict(
+            {name: jax.ShapeDtypeStruct(shapes[name], np.float32, sharding=device)}, sep="/")
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+        out = ckptr.restore(pytree_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                    partial_restore=True))
+        return np.asarray(traverse_util.flatten_dict(out, sep="/")[name])
+    return load
+
+
 def open_params(directory: str | os.PathLike, step: int | None = None) -> LoadedCheckpoint:
-    """Like `load_params`, but `params` is a `LazyParams` (flat, read tensor by tensor)."""
+    """Like `load_params`, but `params` is a `TensorSource` (flat, read tensor by tensor)."""
     config, metadata, step, pytree_dir = _locate(directory, step)
-    return LoadedCheckpoint(config, LazyParams(pytree_dir, config), metadata, step)
+    shapes = expected_shapes(config)
+    return LoadedCheckpoint(config, TensorSource(shapes, _partial_restore_loader(pytree_dir, shapes)), metadata, step)
 
 
 def tree_to_numpy(tree: Any) -> Any:

@@ -279,14 +279,6 @@ class ConversionResult:
     grouping: dict[str, Any]  # per module: source/target kv heads, query->kv group map, errors
 
 
-def _flat(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Flat 'a/b/kernel' view of params; an already flat mapping (possibly lazy) is returned as is."""
-    from flax import traverse_util
-    if params and all(isinstance(k, str) and "/" in k for k in params):
-        return params
-    return traverse_util.flatten_dict(dict(params), sep="/")
-
-
 def _module_info(kind: str, h: int, g0: int, g: int, calibrated: bool) -> dict[str, Any]:
     return {"kind": kind, "source_kv_heads": g0, "kv_heads": g,
             "query_to_kv_head": [i // (h // g) for i in range(h)],
@@ -300,14 +292,15 @@ def iter_converted(params: Mapping[str, Any], config: ModelConfig, num_kv_heads:
                    measure_error: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (flat name, converted array) for every parameter, in the source's order, one module at a time.
 
-    `params` may be a lazy mapping (e.g. `readers.TensorSource`): each tensor is looked up once, so at most one
+    `params` may be a lazy mapping (e.g. `checkpoint.TensorSource`): each tensor is looked up once, so at most one
     attention module's four kernels are alive here, which is what lets `convert` stream a checkpoint to disk.
     Per-module grouping records (and K/V reconstruction errors with `measure_error`) go into `grouping`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown conversion method {method!r}; choose one of {METHODS}")
     validate_target(config, num_kv_heads, layers)
-    flat = _flat(params)
+    from gqa_uptrain.checkpoint import flat_params
+    flat = flat_params(params)
     h, d = config.num_heads, config.head_dim
     jobs = [(kind, p) for kind in kinds_for(layers) for p in module_paths(config, kind)]
     module_of = {f"{p}/{n}/kernel": (index, kind, p) for index, (kind, p) in enumerate(jobs)

@@ -288,10 +288,9 @@ def params_from_hf(state_dict_like: Mapping[str, Any], hf_config: Any, dtype: An
     """
     from flax import traverse_util
     config, shapes, load = hf_param_loader(state_dict_like, hf_config, dtype, source)
-    names: Iterator = iter(list(shapes))
-    if progress is not None:
-        names = progress(list(shapes))
-    return config, traverse_util.unflatten_dict({n: load(n) for n in names}, sep="/")
+    names = list(shapes)
+    return config, traverse_util.unflatten_dict({n: load(n) for n in (progress(names) if progress else names)},
+                                                sep="/")
 
 
 def _expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -317,9 +316,8 @@ def iter_hf_tensors(params: Any, config: ModelConfig, expand_kv: bool = False,
 
     With `expand_kv` GQA K/V kernels are repeated to num_heads heads so stock HF T5 can load the result.
     """
-    from flax import traverse_util
-    flat = params if all(isinstance(k, str) and "/" in k for k in params) else \
-        traverse_util.flatten_dict(params, sep="/")
+    from gqa_uptrain.checkpoint import flat_params
+    flat = flat_params(params)
     for m in name_map(config):
         w = np.asarray(flat[m.ours], dtype)
         if expand_kv and m.ours.endswith(("/key/kernel", "/value/kernel")):

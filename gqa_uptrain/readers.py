@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from gqa_uptrain import hf as hf_names
+from gqa_uptrain.checkpoint import TensorSource
 from gqa_uptrain.config import ModelConfig
 
 FORMATS = ("auto", "hf", "t5x", "orbax")
@@ -46,30 +47,6 @@ def _np_dtype(code: str, path: pathlib.Path, name: str) -> np.dtype:
     if code not in _ST_DTYPES:
         raise ValueError(f"{path}: tensor {name!r} has unsupported safetensors dtype {code}")
     return np.dtype(_ST_DTYPES[code])
-
-
-class TensorSource(Mapping):
-    """Lazy flat mapping our name ('decoder/layers_0/mlp/wo/kernel') -> float32 numpy array in our layout.
-
-    Shapes are known (and were checked) before any data is read; each lookup reads one tensor from disk."""
-
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np.ndarray]):
-        self._shapes = dict(shapes)
-        self._load = load
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._shapes:
-            raise KeyError(name)
-        return self._load(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._shapes)
-
-    def __len__(self) -> int:
-        return len(self._shapes)
 
 
 @dataclasses.dataclass
