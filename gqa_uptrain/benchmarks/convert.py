@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
               f"{total / largest:.1f} largest tensors)")
         print(err.strip().splitlines()[-1] if err.strip() else "")
         if args.json:
-            pathlib.Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+            from gqa_uptrain.checkpoint import atomic_write_text
+            atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
     finally:
         if tmp is not None:
             tmp.cleanup()
