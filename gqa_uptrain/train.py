@@ -7,15 +7,19 @@ original steps) and fine-tuning (constant learning rate, dropout).
 Run directory (MODEL_DIR):
   config.json, model.gin            the model (so `checkpoint.load_params(MODEL_DIR)` works)
   train_config.json                 the resolved TrainConfig of the first launch
-  checkpoints/<step>/{params,opt_state,data}   ocp.CheckpointManager items; `data` is JSON with the data position
+  checkpoints/<step>/{params,opt_state,data,data_iterators}   ocp.CheckpointManager items; `data` is JSON with the
+                                    data position, `data_iterators` the tf.data iterator state of every process
+                                    (with checkpoint_dataset; see gqa_uptrain/dataset_checkpoint.py)
   best/                             with keep_best: config.json + checkpoints/<step>/params, the parameters with the
                                     lowest eval loss so far (`checkpoint.load_params(MODEL_DIR/best)`)
   metrics.jsonl, tensorboard/       train / eval metrics
 
 Determinism and resumption: the seqio pipeline is deterministic for a fixed seed (shuffle and span-corruption noise
 are seeded), each step consumes exactly one global batch, and the dropout key is fold_in(seed, step). A checkpoint
-stores the number of batches consumed; a resumed run rebuilds the pipeline and skips that many batches, so it sees
-exactly the examples an uninterrupted run sees and ends with the same parameters (bitwise on CPU).
+stores the number of batches consumed and (checkpoint_dataset, the default) each process's tf.data iterator state; a
+resumed run restores the iterators, or, when the checkpoint has no usable iterator state, rebuilds the pipeline and
+skips that many batches. Either way it sees exactly the examples an uninterrupted run sees and ends with the same
+parameters (bitwise on CPU).
 
 Data sharding: the data is split into `num_data_shards` seqio shards (default: one per process); process p reads the
 shards p*k ... p*k+k-1 (k = shards / processes) and contributes their batches, concatenated, as its rows of the
@@ -33,8 +37,9 @@ import dataclasses
 import json
 import math
 import pathlib
+import sys
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -50,6 +55,7 @@ from gqa_uptrain.optim import OptimizerConfig, learning_rate_schedule, make_opti
 
 NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
 TRAIN_CONFIG_FILE = "train_config.json"
+ITERATOR_STATE = "data_iterators"  # checkpoint item with the tf.data iterator state, and its key in the `data` item
 BATCH_AXES = ("data", "fsdp")
 MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
                   "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
@@ -90,6 +96,9 @@ class TrainConfig:
     keep_checkpoints: int | None = 3
     keep_best: bool = False  # also keep the parameters with the lowest eval loss in MODEL_DIR/best (needs eval)
     async_checkpointing: bool = True
+    # Also save each process's tf.data iterator state, so a resumed run restores it instead of recomputing every
+    # batch already consumed; costs the pipeline's buffers (mostly the shuffle buffer) per checkpoint and process.
+    checkpoint_dataset: bool = True
     # Evaluation on fixed validation examples (0 disables).
     eval_every: int = 1000
     eval_examples: int = 64
@@ -180,9 +189,35 @@ def _to_model_batch(ex: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.int32) for k, v in ex.items() if k in MODEL_FEATURES}
 
 
+class TrainBatches:
+    """Iterator over this process's rows of the global batches: dicts of int32 [rows, length].
+
+    Holds plain tf.data iterators (`iterators`, one per local data shard, named `shard_<s>_of_<n>`, in shard order)
+    rather than numpy iterators, because those are what TensorFlow can checkpoint (gqa_uptrain/dataset_checkpoint.py).
+    """
+
+    def __init__(self, iterators: dict[str, Any]) -> None:
+        self.iterators = iterators
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [_to_model_batch(next(it)) for it in self.iterators.values()]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def skip(self, n: int) -> None:
+        """Advance past n global batches (the resume path without iterator state). Done on the iterators rather
+        than with tf.data's `Dataset.skip`, which would add a node to the pipeline and make the iterator state
+        saved later unrestorable into a fresh pipeline."""
+        for it in self.iterators.values():
+            for _ in range(n):
+                next(it)
+
+
 def train_batches(cfg: TrainConfig, start_batch: int = 0, process_index: int | None = None,
-                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of every global batch from `start_batch` on: dicts of int32 [rows, length].
+                  process_count: int | None = None) -> TrainBatches:
+    """This process's rows of every global batch from `start_batch` on.
 
     rows = batch_size / process_count; batch n is the same whatever the process count (see module docstring).
     """
@@ -194,14 +229,40 @@ def train_batches(cfg: TrainConfig, start_batch: int = 0, process_index: int | N
                          f"batch_size={cfg.batch_size}")
     per_shard = cfg.batch_size // shards
     k = shards // pc
-    iters = []
+    iterators = {}
     for s in range(pi * k, pi * k + k):
         ds = _converted_dataset(cfg, "train", cfg.shuffle, None, (s, shards), cfg.seed)
-        ds = ds.batch(per_shard, drop_remainder=True).skip(start_batch)
-        iters.append(ds.as_numpy_iterator())
-    while True:
-        parts = [next(it) for it in iters]
-        yield {key: np.concatenate([_to_model_batch(p)[key] for p in parts]) for key in _to_model_batch(parts[0])}
+        iterators[f"shard_{s}_of_{shards}"] = iter(ds.batch(per_shard, drop_remainder=True))
+    batches = TrainBatches(iterators)
+    if start_batch:
+        batches.skip(start_batch)
+    return batches
+
+
+def _iterator_state_key(cfg: TrainConfig, process_count: int) -> dict[str, Any]:
+    """What saved iterator state depends on (recorded in the `data` item): the files each process holds and the
+    pipeline they were saved from. tf.data itself only checks the pipeline's structure, not e.g. the lengths."""
+    return {"process_count": process_count, "num_data_shards": cfg.num_data_shards or process_count,
+            "batch_size": cfg.batch_size, "mixture_or_task_name": cfg.mixture_or_task_name,
+            "inputs_length": cfg.inputs_length, "targets_length": cfg.targets_length, "pack": cfg.pack,
+            "shuffle": cfg.shuffle, "seed": cfg.seed}
+
+
+def skip_reason(cfg: TrainConfig, data_state: Mapping[str, Any], process_count: int) -> str | None:
+    """None if a run resuming from a checkpoint with this `data` item restores the saved iterator state; otherwise
+    why it rebuilds the pipeline and skips the consumed batches instead (always correct: the skip path only needs
+    the global batch to be the same, which depends on num_data_shards and batch_size, not on the process count)."""
+    if not cfg.checkpoint_dataset:
+        return "CHECKPOINT_DATASET is False"
+    saved = data_state.get(ITERATOR_STATE)
+    if not saved:
+        return "the checkpoint has no data iterator state (written with CHECKPOINT_DATASET=False or before it existed)"
+    now = _iterator_state_key(cfg, process_count)
+    diff = [k for k in now if saved.get(k) != now[k]]
+    if diff:
+        return ("its iterator state was saved with " + ", ".join(f"{k}={saved.get(k)!r}" for k in diff)
+                + "; this run has " + ", ".join(f"{k}={now[k]!r}" for k in diff))
+    return None
 
 
 def eval_batches(cfg: TrainConfig) -> list[dict[str, np.ndarray]]:
@@ -324,6 +385,8 @@ class TrainResult:
     metrics: list[dict[str, Any]]  # one record per logged train step of this process's run
     eval_metrics: list[dict[str, Any]]
     resumed_from: int | None
+    # How a resumed run got its data position: "restored" (iterator state) or "skipped" (pipeline rebuilt).
+    data_resume: str | None = None
 
 
 def _source_step(metadata: Mapping[str, Any]) -> int | None:
@@ -392,7 +455,7 @@ def _checkpoint_manager(model_dir: pathlib.Path, cfg: TrainConfig):
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True,
                                            enable_async_checkpointing=cfg.async_checkpointing)
     return ocp.CheckpointManager((model_dir / TRAIN_CHECKPOINTS_DIR).absolute(),
-                                 item_names=("params", "opt_state", "data"), options=options)
+                                 item_names=("params", "opt_state", "data", ITERATOR_STATE), options=options)
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -414,6 +477,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
     from tqdm import tqdm
 
     from gqa_uptrain import checkpoint as ckpt_lib
+    from gqa_uptrain import dataset_checkpoint
     from gqa_uptrain.metrics import MetricWriter
 
     model_dir = pathlib.Path(cfg.model_dir).absolute()
@@ -455,6 +519,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                              f"{data_state.get('batch_size')}, num_data_shards={data_state.get('num_data_shards')}; "
                              f"this run has {cfg.batch_size}, {shards}: resuming would change the data order")
         schedule_offset = int(data_state.get("schedule_offset", 0))
+        start_step = int(data_state["step"])
+        data_skip_reason = skip_reason(cfg, data_state, jax.process_count())
     else:
         source_meta = _read_source_metadata(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
         train_steps, original_steps = resolve_length(cfg, source_meta)
@@ -474,16 +540,30 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
         loaded = ckpt_lib.load_params(cfg.initial_checkpoint)
         ckpt_lib.check_params_match_config(loaded.params, model_config, source=str(cfg.initial_checkpoint))
 
-    resumed_from = None
+    resumed_from = data_resume = None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if latest is not None:
             restored = mngr.restore(latest, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(_with_shardings(param_shapes, param_sh)),
-                opt_state=ocp.args.StandardRestore(_with_shardings(opt_abstract, opt_sh)),
-                data=ocp.args.JsonRestore()))
+                opt_state=ocp.args.StandardRestore(_with_shardings(opt_abstract, opt_sh))))
             params, opt_state = restored["params"], restored["opt_state"]
-            start_step = int(restored["data"]["step"])
             resumed_from = start_step
+            if data_skip_reason is None:
+                batches = train_batches(cfg)
+                try:
+                    mngr.restore(latest, args=ocp.args.Composite(**{
+                        ITERATOR_STATE: dataset_checkpoint.DatasetIteratorRestore(batches.iterators)}))
+                except (ValueError, FileNotFoundError) as e:
+                    raise ValueError(f"checkpoint step {latest}: {str(e).splitlines()[0]} (resume with "
+                                     "--gin.CHECKPOINT_DATASET=False to rebuild the pipeline and skip "
+                                     "instead)") from None
+                data_resume, how = "restored", "data iterators restored from the checkpoint"
+            else:
+                batches = train_batches(cfg, start_batch=start_step)
+                data_resume = "skipped"
+                how = f"rebuilt the data pipeline and skipped {start_step} batches, as {data_skip_reason}"
+            if primary:
+                print(f"resuming from step {start_step} in {model_dir}: {how}", file=sys.stderr, flush=True)
         else:
             if loaded is not None:
                 params = jax.tree.map(lambda x, s, a: _global_from_host(np.asarray(x, a.dtype), s),
@@ -495,6 +575,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                 params = init(jax.random.PRNGKey(cfg.seed))
             opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
             start_step = 0
+            batches = train_batches(cfg)
             if primary:
                 model_dir.mkdir(parents=True, exist_ok=True)
                 ckpt_lib.write_config_files(model_dir, model_config)
@@ -512,12 +593,17 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
             return {"step": step, "batches_consumed": step, "train_steps": train_steps,
                     "original_steps": original_steps, "schedule_offset": schedule_offset, "seed": cfg.seed,
                     "batch_size": cfg.batch_size, "num_data_shards": cfg.num_data_shards or jax.process_count(),
-                    "mixture_or_task_name": cfg.mixture_or_task_name}
+                    "mixture_or_task_name": cfg.mixture_or_task_name,
+                    ITERATOR_STATE: _iterator_state_key(cfg, jax.process_count()) if cfg.checkpoint_dataset
+                    else None}
 
         def save(step: int) -> None:
-            mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                    opt_state=ocp.args.StandardSave(opt_state),
-                                                    data=ocp.args.JsonSave(data_state(step))), force=True)
+            items = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state),
+                     "data": ocp.args.JsonSave(data_state(step))}
+            if cfg.checkpoint_dataset:
+                # Written before save() returns (a synchronous item): `batches` has yielded exactly `step` batches.
+                items[ITERATOR_STATE] = dataset_checkpoint.DatasetIteratorSave(batches.iterators)
+            mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
         writer = MetricWriter(model_dir, enabled=primary, tensorboard=cfg.tensorboard)
         evals = eval_batches(cfg) if cfg.eval_every and cfg.eval_examples else []
@@ -543,7 +629,6 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
         eval_history: list[dict[str, Any]] = []
         step = start_step
         step_arr = _global_from_host(np.asarray(step, np.int32), replicated)
-        batches = train_batches(cfg, start_batch=start_step)
         local_rows = cfg.batch_size // jax.process_count()
         tokens_per_step = cfg.batch_size * (cfg.inputs_length + cfg.targets_length)
         bar = tqdm(total=train_steps, initial=step, desc="train", unit="step", disable=not (primary and cfg.progress),
@@ -599,4 +684,4 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
             mngr.close()
             if best_mngr is not None:
                 best_mngr.close()
-    return TrainResult(params, opt_state, step, history, eval_history, resumed_from)
+    return TrainResult(params, opt_state, step, history, eval_history, resumed_from, data_resume)

@@ -1,5 +1,6 @@
 """Two processes on localhost (jax.distributed, CPU gloo collectives, 2 CPU devices each) train exactly like one
-process with 4 devices: same losses, per-host data shards, one checkpoint written correctly."""
+process with 4 devices: same losses, per-host data shards, one checkpoint written correctly (with one tf.data
+iterator-state file per process)."""
 import json
 import os
 import socket
@@ -66,6 +67,8 @@ def test_two_processes_match_one_process(tmp_path):
     from gqa_uptrain.metrics import read_metrics
     assert sorted(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
     assert [r["step"] for r in read_metrics(multi)] == [1, 2, 3]
+    assert sorted(p.name for p in (multi / "checkpoints" / "3" / "data_iterators").glob("*.index")) == [
+        "process_0_of_2.index", "process_1_of_2.index"]
     a, b = load_params(multi), load_params(tmp_path / "single")
     assert a.step == b.step == 3
     import jax

@@ -1,4 +1,5 @@
-"""kill -9 mid-run (possibly during an async save), resume, and end bitwise equal to an uninterrupted run."""
+"""kill -9 mid-run (possibly during an async save), resume (restoring the saved tf.data iterator state), and end
+bitwise equal to an uninterrupted run."""
 import json
 import os
 import pathlib
@@ -23,7 +24,7 @@ def _worker(model_dir: str, steps: int) -> None:
                       save_every=2, eval_every=0, log_every=1, progress=False, tensorboard=False,
                       optimizer=OptimizerConfig(schedule="rsqrt", warmup_steps=100))
     res = train(model, cfg, callback=lambda step, m: print(f"STEP {step} {m['loss']:.6f}", flush=True))
-    print(f"RESUMED_FROM {res.resumed_from}", flush=True)
+    print(f"RESUMED_FROM {res.resumed_from} {res.data_resume}", flush=True)
 
 
 def _start(model_dir, steps=STEPS):
@@ -56,8 +57,10 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     resumed = _start(run_dir)
     rout, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, rout
-    resumed_from = int(rout.strip().splitlines()[-1].split()[1])
+    _, resumed_from, data_resume = rout.strip().splitlines()[-1].split()
+    resumed_from = int(resumed_from)
     assert resumed_from in (2, 4)  # the latest *complete* checkpoint before the kill
+    assert data_resume == "restored"  # checkpoint_dataset (the default): iterator state, no skipping
     first = [l for l in rout.splitlines() if l.startswith("STEP")][0]
     assert first.startswith(f"STEP {resumed_from + 1} ")
     # Same losses for the resumed steps, and bitwise-equal final parameters.
