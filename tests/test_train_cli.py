@@ -43,3 +43,11 @@ def test_no_model_anywhere_is_a_clear_error():
     with pytest.raises(ValueError, match="no model config: pass a model gin file"):
         train_cmd.resolve_model_config(_tcfg())
 
+
+def test_checkpoint_dataset_macro():
+    train_cmd.register_gin()
+    gin_utils.parse_gin(["runs/pretrain.gin"], ["MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 10"])
+    assert train_cmd.train_config_from_gin().checkpoint_dataset is True
+    gin_utils.parse_gin(["runs/uptrain.gin"], ["MODEL_DIR = '/tmp/x'", "INITIAL_CHECKPOINT = '/tmp/c'",
+                                               "CHECKPOINT_DATASET = False"])
+    assert train_cmd.train_config_from_gin().checkpoint_dataset is False

@@ -19,7 +19,8 @@ clusters with auto-detection, --distributed alone)."""
 EPILOG = """Run-file macros (override with --gin.NAME=VALUE): MODEL_DIR, TRAIN_STEPS, INITIAL_CHECKPOINT,
 UPTRAIN_FRACTION, ORIGINAL_STEPS, MIXTURE_OR_TASK_NAME, INPUTS_LENGTH, TARGETS_LENGTH, PACK, BATCH_SIZE,
 NUM_MICROBATCHES, SEED, MESH, LEARNING_RATE, WARMUP_STEPS, Z_LOSS, LOSS_NORMALIZING_FACTOR, SAVE_EVERY,
-KEEP_CHECKPOINTS, KEEP_BEST, EVAL_EVERY, EVAL_EXAMPLES, LOG_EVERY; any TrainConfig.* / OptimizerConfig.* field directly.
+KEEP_CHECKPOINTS, KEEP_BEST, CHECKPOINT_DATASET, EVAL_EVERY, EVAL_EXAMPLES, LOG_EVERY; any TrainConfig.* /
+OptimizerConfig.* field directly.
 See docs/train.md."""
 
 _MACRO_FOR = {"model_dir": "MODEL_DIR", "train_steps": "TRAIN_STEPS", "initial_checkpoint": "INITIAL_CHECKPOINT",
