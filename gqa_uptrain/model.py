@@ -17,8 +17,13 @@ Parameter names are the checkpoint contract and follow T5X (`t5x/examples/t5/net
   decoder/logits_dense/kernel                                [embed, vocab]
 
 Every parameter carries logical axis names (see `gqa_uptrain.sharding`).
+
+Rematerialisation (`Transformer(config, remat_policy=...)`, training only) wraps each encoder/decoder layer in
+`nn.remat`; the lifted layer keeps its name, so the parameter tree is the same for every policy.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -34,6 +39,34 @@ _ACT = ("activation_batch", "activation_length", "activation_embed")
 
 def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
+
+
+# What each encoder/decoder layer keeps for the backward pass; what it does not keep is recomputed there from the
+# layer's inputs. Remat is a property of the training step, not of the architecture: it is not in ModelConfig.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,  # no jax.checkpoint: the backward keeps every intermediate it needs (today's program)
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the layer inputs; the whole layer is recomputed
+    # The outputs of the un-batched GEMMs (Q/K/V/out projections, wi_0/wi_1/wo; MaxText's "minimal"); norms,
+    # activations and the attention core (scores, softmax, weighted sum) are recomputed.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,  # every GEMM output, batched attention products included
+}
+
+
+def check_remat_policy(name: str) -> str:
+    """`name` if it is a key of REMAT_POLICIES, else a one-line ValueError listing the valid names."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {name!r} (REMAT_POLICY); valid: {', '.join(REMAT_POLICIES)}")
+    return name
+
+
+def _layer_class(layer: type[nn.Module], remat_policy: str, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+    """`layer` itself, or its nn.remat version. static_argnums (counting `self` as 0) are the python bool/int
+    arguments: under jax.checkpoint they must be static or they would be traced. The dropout rng is lifted into the
+    checkpointed scope, so the forward and the recomputation draw the same masks as without remat (tested)."""
+    if check_remat_policy(remat_policy) == "none":
+        return layer
+    return nn.remat(layer, policy=REMAT_POLICIES[remat_policy], static_argnums=static_argnums)
 
 
 @jax.custom_vjp
@@ -149,6 +182,7 @@ def _pair_mask(q_valid: Array, k_valid: Array, q_segments: Array | None = None,
 class Encoder(nn.Module):
     config: ModelConfig
     embedder: nn.Module
+    remat_policy: str = "none"
 
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Array | None = None, enable_dropout: bool = False) -> Array:
@@ -163,8 +197,9 @@ class Encoder(nn.Module):
         x = self.embedder(tokens).astype(_dtype(cfg.dtype))
         x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
         x = nn.with_logical_constraint(x, _ACT)
+        layer = _layer_class(EncoderLayer, self.remat_policy, static_argnums=(4,))  # enable_dropout
         for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, mask, enable_dropout)
+            x = layer(cfg, name=f"layers_{i}")(x, bias, mask, enable_dropout)
         x = RMSNorm(cfg.layer_norm_epsilon, name="encoder_norm", **_common(cfg))(x)
         return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
 
@@ -172,6 +207,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     config: ModelConfig
     embedder: nn.Module
+    remat_policy: str = "none"
 
     @nn.compact
     def __call__(self, encoded: Array, encoder_tokens: Array, decoder_input_tokens: Array,
@@ -222,8 +258,10 @@ class Decoder(nn.Module):
         x = self.embedder(decoder_input_tokens).astype(_dtype(cfg.dtype))
         x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
         x = nn.with_logical_constraint(x, _ACT)
+        # enable_dropout, decode, max_decode_length; never while decoding (no backward pass, and a cache to write).
+        layer = _layer_class(DecoderLayer, "none" if decode else self.remat_policy, static_argnums=(6, 7, 9))
         for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, name=f"layers_{i}")(
+            x = layer(cfg, name=f"layers_{i}")(
                 x, encoded, self_bias, self_mask, cross_mask, enable_dropout, decode, decode_index,
                 max_decode_length)
         x = RMSNorm(cfg.layer_norm_epsilon, name="decoder_norm", **_common(cfg))(x)
@@ -262,15 +300,20 @@ class Embed(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The full model. `__call__` is teacher-forced scoring; `encode` / `decode` are used by generation."""
+    """The full model. `__call__` is teacher-forced scoring; `encode` / `decode` are used by generation.
+
+    remat_policy (a REMAT_POLICIES key) changes what the backward pass keeps, never values or parameters.
+    """
 
     config: ModelConfig
+    remat_policy: str = "none"
 
     def setup(self) -> None:
         cfg = self.config
+        check_remat_policy(self.remat_policy)
         self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, **_common(cfg))
-        self.encoder = Encoder(cfg, self.token_embedder)
-        self.decoder = Decoder(cfg, self.token_embedder)
+        self.encoder = Encoder(cfg, self.token_embedder, self.remat_policy)
+        self.decoder = Decoder(cfg, self.token_embedder, self.remat_policy)
 
     def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
                enable_dropout: bool = False) -> Array:
