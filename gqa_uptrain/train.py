@@ -50,7 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gqa_uptrain import sharding as sharding_lib
 from gqa_uptrain.config import ModelConfig
-from gqa_uptrain.model import Transformer, abstract_params
+from gqa_uptrain.model import Transformer, abstract_params, check_remat_policy
 from gqa_uptrain.optim import OptimizerConfig, learning_rate_schedule, make_optimizer, opt_state_shardings
 
 NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
@@ -109,6 +109,9 @@ class TrainConfig:
     progress: bool = True
     # Scale: mesh over (data, fsdp, model); "" = all devices on `data`.
     mesh: str = ""
+    # Activation rematerialisation per encoder/decoder layer in the training step (model.REMAT_POLICIES: "none",
+    # "full", "minimal", "dots"). Memory vs recomputation only: same loss, gradients and parameter tree.
+    remat_policy: str = "none"
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -128,6 +131,7 @@ class TrainConfig:
         if isinstance(lnf, str) and lnf != NUM_REAL_TARGET_TOKENS:
             raise ValueError(f"TrainConfig.loss_normalizing_factor must be a number, None or "
                              f"{NUM_REAL_TARGET_TOKENS!r}, got {lnf!r}")
+        check_remat_policy(self.remat_policy)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,9 +298,12 @@ def _argmax_last_axis(x: jax.Array) -> jax.Array:
 
 
 def _loss_sums(config: ModelConfig, params: Any, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None,
-               z_loss: float) -> dict[str, jax.Array]:
-    """Sums over the target tokens of one (micro)batch: cross-entropy, z-loss, correct predictions, weight."""
-    model = Transformer(config)
+               z_loss: float, remat_policy: str = "none") -> dict[str, jax.Array]:
+    """Sums over the target tokens of one (micro)batch: cross-entropy, z-loss, correct predictions, weight.
+
+    remat_policy only matters when this is differentiated (the training step); it never changes the values.
+    """
+    model = Transformer(config, remat_policy=remat_policy)
     enable_dropout = dropout_rng is not None
     logits = model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
                          batch["decoder_target_tokens"], batch.get("encoder_segment_ids"),
@@ -338,7 +345,7 @@ def make_train_step(model_config: ModelConfig, cfg: TrainConfig, optimizer: opta
     use_dropout = model_config.dropout_rate > 0
 
     def loss_fn(params, mb, rng, normalizer):
-        sums = _loss_sums(model_config, params, mb, rng if use_dropout else None, cfg.z_loss)
+        sums = _loss_sums(model_config, params, mb, rng if use_dropout else None, cfg.z_loss, cfg.remat_policy)
         return (sums["cross_entropy"] + sums["z_loss"]) / normalizer, sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -369,6 +376,7 @@ def make_train_step(model_config: ModelConfig, cfg: TrainConfig, optimizer: opta
 
 
 def make_eval_step(model_config: ModelConfig, cfg: TrainConfig) -> Callable[[Any, dict], dict]:
+    # No cfg.remat_policy here: eval has no backward pass, so there is nothing to rematerialise.
     def eval_fn(params, batch):
         return _loss_sums(model_config, params, batch, None, cfg.z_loss)
     return eval_fn
