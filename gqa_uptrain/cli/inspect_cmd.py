@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--inputs_length", type=int, default=512, help="encoder length for the activation estimate")
     t.add_argument("--targets_length", type=int, default=114, help="decoder length for the activation estimate")
     t.add_argument("--num_microbatches", type=int, default=1, help="gradient-accumulation microbatches")
+    t.add_argument("--remat_policy", default=None, metavar="POLICY",
+                   help="activation rematerialisation assumed by the estimate: none, full, minimal or dots "
+                        "(TrainConfig.remat_policy); default: the REMAT_POLICY gin macro if bound, else none")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -33,24 +36,53 @@ def _fmt_bytes(n: float) -> str:
 
 
 def activation_bytes_per_device(cfg, mesh_shape, batch_size: int, inputs_length: int, targets_length: int,
-                                num_microbatches: int = 1) -> float:
-    """Rough bytes of activations kept for the backward pass on one device (no rematerialisation).
+                                num_microbatches: int = 1, remat_policy: str = "none") -> float:
+    """Rough bytes of activations kept for the backward pass on one device.
 
     Assumes: per-device microbatch b = batch_size / (data*fsdp) / num_microbatches; activations in cfg.dtype,
-    logits/softmax in float32; tensors with a heads / d_ff / vocab axis split over `model`. Per token and layer it
-    counts ~8 d_model-wide tensors (residual, norms, attention in/out, MLP in/out), q/k/v/attention-output
-    (heads*head_dim each), 3 d_ff-wide MLP tensors, and attention scores + probabilities (heads * key length);
-    decoder layers add cross-attention. Logits count twice (logits and their gradient). Ignores XLA temporaries.
+    logits/softmax in float32; tensors with a heads / d_ff / vocab axis split over `model`. Logits count twice
+    (logits and their gradient). Ignores XLA temporaries.
+
+    remat_policy "none": per token and layer ~8 d_model-wide tensors (residual, norms, attention in/out, MLP
+    in/out), q/k/v/attention-output (heads*head_dim each), 3 d_ff-wide MLP tensors, and attention scores +
+    probabilities (heads * key length); decoder layers add cross-attention.
+    Otherwise each layer keeps what the policy saves (model.REMAT_POLICIES), and the layer being recomputed in the
+    backward adds one layer's "none" activations: "full" keeps the layer input (d_model); "minimal" also the
+    outputs of the un-batched GEMMs (q/k/v and out projections, wi_0/wi_1/wo; cross-attention k/v at the source
+    length); "dots" also the batched attention GEMMs (scores, heads * key length, and attention outputs).
     """
+    from gqa_uptrain.model import check_remat_policy
+    check_remat_policy(remat_policy)
     dt = 4 if cfg.dtype == "float32" else 2
     m = mesh_shape.get("model", 1)
     b = batch_size / (mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)) / num_microbatches
-    hd = cfg.num_heads * cfg.head_dim / m
+    d, hd, ff, h = cfg.d_model, cfg.num_heads * cfg.head_dim / m, cfg.d_ff / m, cfg.num_heads / m
     li, lt = inputs_length, targets_length
-    enc = li * (8 * cfg.d_model + 4 * hd + 3 * cfg.d_ff / m + 2 * cfg.num_heads / m * li) * dt
-    dec = lt * (12 * cfg.d_model + 8 * hd + 3 * cfg.d_ff / m + 2 * cfg.num_heads / m * (lt + li)) * dt
+    enc = li * (8 * d + 4 * hd + 3 * ff + 2 * h * li) * dt
+    dec = lt * (12 * d + 8 * hd + 3 * ff + 2 * h * (lt + li)) * dt
     logits = lt * cfg.vocab_size / m * 4 * 2
-    return b * (cfg.num_encoder_layers * enc + cfg.num_decoder_layers * dec + logits)
+    if remat_policy == "none":
+        return b * (cfg.num_encoder_layers * enc + cfg.num_decoder_layers * dec + logits)
+    kept_enc, kept_dec = li * d * dt, lt * d * dt  # "full": the layer inputs
+    if remat_policy in ("minimal", "dots"):
+        # + out and wo outputs (d_model), q/k/v, wi_0/wi_1; the decoder has two attentions, cross k/v at li.
+        kept_enc += li * (2 * d + 3 * hd + 2 * ff) * dt
+        kept_dec += (lt * (3 * d + 4 * hd + 2 * ff) + li * 2 * hd) * dt
+    if remat_policy == "dots":
+        kept_enc += li * (hd + h * li) * dt
+        kept_dec += lt * (2 * hd + h * (lt + li)) * dt
+    return b * (cfg.num_encoder_layers * kept_enc + cfg.num_decoder_layers * kept_dec + max(enc, dec) + logits)
+
+
+def _remat_policy(args) -> str:
+    """--remat_policy, else a bound REMAT_POLICY gin macro (as in the run files), else "none"."""
+    if args.remat_policy is not None:
+        return args.remat_policy
+    import gin
+    try:
+        return gin.query_parameter("%REMAT_POLICY")
+    except ValueError:
+        return "none"
 
 
 def _training_memory(args, cfg, boxed, mesh_shape, param_bytes: int) -> None:
@@ -61,14 +93,15 @@ def _training_memory(args, cfg, boxed, mesh_shape, param_bytes: int) -> None:
     shapes = nn.meta.unbox(boxed)
     specs = sharding.param_partition_specs(boxed, mesh_shape)
     opt_dev, opt_total = opt_state_bytes_per_device(make_optimizer(OptimizerConfig()), specs, shapes, mesh_shape)
+    remat = _remat_policy(args)
     act = activation_bytes_per_device(cfg, mesh_shape, args.batch_size, args.inputs_length, args.targets_length,
-                                      args.num_microbatches)
+                                      args.num_microbatches, remat)
     grads = param_bytes  # gradients (accumulator) have the parameters' shardings
     print(f"adafactor state per device {_fmt_bytes(opt_dev)} (of {_fmt_bytes(opt_total)} total; factored second "
           f"moments, jax.eval_shape of optimizer.init with shardings derived from the parameters')")
     print(f"activations per device ~{_fmt_bytes(act)} (estimate: batch {args.batch_size}, lengths "
-          f"{args.inputs_length}/{args.targets_length}, {args.num_microbatches} microbatch(es), {cfg.dtype}, no "
-          f"remat; see activation_bytes_per_device)")
+          f"{args.inputs_length}/{args.targets_length}, {args.num_microbatches} microbatch(es), {cfg.dtype}, "
+          f"remat_policy={remat}{' (no remat)' if remat == 'none' else ''}; see activation_bytes_per_device)")
     print(f"training total per device ~{_fmt_bytes(param_bytes + grads + opt_dev + act)} "
           f"(params + gradients + optimizer state + activations)")
 
@@ -81,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
 
     from gqa_uptrain import sharding
     from gqa_uptrain.cli.common import model_config
-    from gqa_uptrain.model import abstract_params
+    from gqa_uptrain.model import abstract_params, check_remat_policy
 
     cfg = model_config(args)
+    check_remat_policy(_remat_policy(args))  # a bad name is an error even when no estimate is printed
     boxed = abstract_params(cfg)
     flat = traverse_util.flatten_dict(boxed, sep="/", is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
     mesh_shape = sharding.parse_mesh_spec(args.mesh) if args.mesh else None
