@@ -14,7 +14,7 @@ def test_hf_side_starts_from_our_weights(tiny_config):
     init, or if transformers re-ties lm_head to the embedding (which it does for every constructed T5)."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    cfg = tiny_config.replace(dropout_rate=0.0)
+    cfg = tiny_config.replace(dropout_rate=0.0, num_encoder_layers=1, num_decoder_layers=1)  # compile time
     batch = bench._batch(cfg, 2, 16, 8)
     params = jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(1)))
     ours, hf = bench.ours_step(cfg, batch, params), bench.hf_step(cfg, batch, params)

@@ -90,7 +90,7 @@ def hf_step(cfg, batch, params, flush_denormal: bool = True) -> Callable[[], flo
     from gqa_uptrain import hf
     torch.set_flush_denormal(flush_denormal)
     model = T5ForConditionalGeneration(T5Config(**{**hf.hf_config_from_config(cfg), "dropout_rate": 0.0}))
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf.hf_from_params(params, cfg).items()}
+    state = {k: torch.from_numpy(np.array(v)) for k, v in hf.hf_from_params(params, cfg).items()}  # writable copies
     # transformers 5.x always ties T5's lm_head to `shared` when it constructs a model (from_pretrained unties a
     # checkpoint that carries both); untie it before loading, as in T5.1.1 and ours.
     model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
@@ -107,7 +107,7 @@ def hf_step(cfg, batch, params, flush_denormal: bool = True) -> Callable[[], flo
         loss = model(input_ids=enc, attention_mask=enc > 0, labels=labels).loss
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
     return one
 
 
