@@ -143,12 +143,10 @@ def _loss(config, params, examples, batch_size: int, quiet: bool) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import pathlib
-
     from gqa_uptrain.hostmem import retain_freed_memory
     retain_freed_memory()  # before XLA's threads start: no page faults on each call's temp buffers
     from gqa_uptrain import evaluate
-    from gqa_uptrain.checkpoint import load_params
+    from gqa_uptrain.checkpoint import atomic_write_text, load_params
     from gqa_uptrain.cli.infer_cmd import make_generator, vocabulary
 
     s = _settings(args)
@@ -176,15 +174,12 @@ def run(args: argparse.Namespace) -> int:
                                                           "max_decode_length": gen.max_decode_length},
               "model": ckpt.config.to_dict(), "metrics": results}
     if s["output"]:
-        out = pathlib.Path(s["output"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
+        atomic_write_text(s["output"], json.dumps(report, indent=2) + "\n")
+        print(f"wrote {s['output']}", file=sys.stderr)
     if args.predictions and predictions is not None:
-        p = pathlib.Path(args.predictions)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("".join(json.dumps({"input": e["input_text"], "prediction": pr, "reference": e["references"]},
-                                        ensure_ascii=False) + "\n" for e, pr in zip(examples, predictions)))
+        atomic_write_text(args.predictions, "".join(
+            json.dumps({"input": e["input_text"], "prediction": pr, "reference": e["references"]}, ensure_ascii=False)
+            + "\n" for e, pr in zip(examples, predictions)))
     return 0
 
 

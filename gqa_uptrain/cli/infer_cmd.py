@@ -122,7 +122,7 @@ def _read_inputs(path: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gqa_uptrain.checkpoint import load_params
+    from gqa_uptrain.checkpoint import atomic_write_text, load_params
     from gqa_uptrain.hostmem import retain_freed_memory
     retain_freed_memory()  # before XLA's threads start: no page faults on each call's temp buffers
 
@@ -135,11 +135,6 @@ def run(args: argparse.Namespace) -> int:
     if args.output == "-":
         sys.stdout.write(records)
     else:
-        import pathlib
-        out = pathlib.Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(records, encoding="utf-8")
-        tmp.replace(out)  # no half-written output file
-        print(f"wrote {len(records.splitlines())} outputs to {out}", file=sys.stderr)
+        atomic_write_text(args.output, records)
+        print(f"wrote {len(records.splitlines())} outputs to {args.output}", file=sys.stderr)
     return 0
