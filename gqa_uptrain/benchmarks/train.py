@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets_length", type=int, default=32, help="decoder tokens per sequence")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (ours, HF, ours, HF, ...)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side (compilation)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps per side (compilation); the first is the loss check, so >= 1 runs")
     parser.add_argument("--no_hf", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument("--hf_denormals", action="store_true",
                         help="leave torch's denormal handling at its default (XLA:CPU flushes them; see --help)")
@@ -139,8 +140,8 @@ def _worker(conn, side: str, config: dict, batch: dict, params: Any, warmup: int
             import torch
             fn = hf_step(cfg, batch, params, flush_denormal)
             info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-        info["first_loss"] = fn()
-        _timed(fn, warmup)
+        info["first_loss"] = fn()  # also the first of the `warmup` untimed steps
+        _timed(fn, warmup - 1)
         conn.send(("ready", info))
         while (n := conn.recv()) is not None:
             conn.send(("times", _timed(fn, n)))

@@ -85,7 +85,7 @@ def _remat_policy(args) -> str:
         return "none"
 
 
-def _training_memory(args, cfg, boxed, mesh_shape, param_bytes: int) -> None:
+def _training_memory(args, cfg, boxed, mesh_shape, param_bytes: int, remat: str) -> None:
     import flax.linen as nn
 
     from gqa_uptrain import sharding
@@ -93,7 +93,6 @@ def _training_memory(args, cfg, boxed, mesh_shape, param_bytes: int) -> None:
     shapes = nn.meta.unbox(boxed)
     specs = sharding.param_partition_specs(boxed, mesh_shape)
     opt_dev, opt_total = opt_state_bytes_per_device(make_optimizer(OptimizerConfig()), specs, shapes, mesh_shape)
-    remat = _remat_policy(args)
     act = activation_bytes_per_device(cfg, mesh_shape, args.batch_size, args.inputs_length, args.targets_length,
                                       args.num_microbatches, remat)
     grads = param_bytes  # gradients (accumulator) have the parameters' shardings
@@ -117,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from gqa_uptrain.model import abstract_params, check_remat_policy
 
     cfg = model_config(args)
-    check_remat_policy(_remat_policy(args))  # a bad name is an error even when no estimate is printed
+    remat = check_remat_policy(_remat_policy(args))  # a bad name is an error even when no estimate is printed
     boxed = abstract_params(cfg)
     flat = traverse_util.flatten_dict(boxed, sep="/", is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
     mesh_shape = sharding.parse_mesh_spec(args.mesh) if args.mesh else None
@@ -162,6 +161,6 @@ def run(args: argparse.Namespace) -> int:
     if mesh_shape:
         print(f"mesh {mesh_shape}: parameters per device {_fmt_bytes(per_device)} "
               f"(of {_fmt_bytes(total * 4)} total)")
-        _training_memory(args, cfg, boxed, mesh_shape, per_device)
+        _training_memory(args, cfg, boxed, mesh_shape, per_device, remat)
     del jax
     return 0
