@@ -67,9 +67,6 @@ def bundled_vocab_size(extra_ids: int = DEFAULT_EXTRA_IDS) -> int:
     return bundled_vocabulary(extra_ids).vocab_size
 
 
-# Name requested in the design notes; a function, since the size comes from the model file.
-BUNDLED_VOCAB_SIZE = bundled_vocab_size
-
 
 def default_output_features(vocabulary: Optional[seqio.Vocabulary] = None) -> dict[str, seqio.Feature]:
     """Encoder-decoder features: both sides get EOS; ``inputs`` is optional (T5 style)."""

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
-seqio = pytest.importorskip("seqio")
+# Required dependencies: imported plainly, so a broken install fails here instead of skipping.
+import seqio
+import tensorflow as tf
 
-from gqa_uptrain import data  # noqa: E402
+from gqa_uptrain import data
 
 VOCAB = data.bundled_vocabulary()
 V = VOCAB.vocab_size
@@ -187,7 +188,7 @@ def test_gloss_words_disjoint_between_splits():
 
 def test_vocabulary():
     assert VOCAB.extra_ids == 100
-    assert V == data.BUNDLED_VOCAB_SIZE() == data.bundled_vocab_size() == 4100
+    assert V == data.bundled_vocab_size() == 4100
     assert (VOCAB.pad_id, VOCAB.eos_id, VOCAB.unk_id) == (0, 1, 2)
     assert VOCAB.decode([V - 1]) == "<extra_id_0>"
     assert VOCAB.encode("<extra_id_99>") == [V - 100]
