@@ -97,8 +97,175 @@ def _parse_files_and_bindings(gin_files: Sequence[str], bindings: Sequence[str],
             gin.parse_config_file(f)
         except Exception as e:  # noqa: BLE001 - gin's messages are good; add the file name
             raise ValueError(f"error in gin file {f}: {e}") from None
+    # gin accepts a binding of a macro nobody reads, and our string fallback turns any unparseable value into a
+    # string: both silently run something other than what was asked. Check names and types against the files.
+    known_macros = _macro_names()
+    problems = []
     for b in bindings:
-        _parse_binding(b)
+        name = b.partition(" = ")[0].strip()
+        problem = _unknown_target(name, known_macros)
+        if problem:
+            problems.append(problem)
+            continue
+        try:
+            _parse_binding(b)
+        except ValueError as e:
+            problems.append(str(e).splitlines()[0])
+            continue
+        problems.extend(_type_problems(name))
+    if problems:
+        raise GinBindingError("; ".join(problems))
+
+
+class GinBindingError(ValueError):
+    """A --gin.NAME=VALUE override that names nothing the config reads, or has a value of the wrong type."""
+
+
+def _macro_names() -> set[str]:
+    """Macros the parsed files define or read (`NAME = ...` or `%NAME`)."""
+    from gin import config as gin_config
+    names = set()
+    for (scope, selector), params in gin_config._CONFIG.items():
+        if selector == "gin.macro":
+            names.add(scope)
+        for value in params.values():
+            names.update(ref.scoped_selector.rpartition("/")[0] for ref in _macro_refs(value))
+    return names
+
+
+def _macro_refs(value):
+    """The `%MACRO` references in a bound value (also inside lists, tuples and dicts)."""
+    from gin import config as gin_config
+    if isinstance(value, gin_config.ConfigurableReference):
+        if value.configurable.name == "macro":
+            yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _macro_refs(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _macro_refs(v)
+
+
+def _did_you_mean(name: str, known) -> str:
+    import difflib
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return f"{hint}known: {', '.join(sorted(known))}"
+
+
+def _unknown_target(name: str, known_macros: set[str]) -> str | None:
+    """Why binding `name` would be ignored or refused, or None when it names a macro or parameter gin reads."""
+    from gin import config as gin_config
+    if "." not in name:  # a macro (scoped macros `scope/NAME` are left to gin)
+        if "/" in name or name in known_macros:
+            return None
+        return f"unknown gin macro {name} ({_did_you_mean(name, known_macros)})"
+    target, _, param = name.rpartition("/")[2].rpartition(".")
+    configurable = gin_config._REGISTRY.get_match(target)
+    if configurable is None:
+        names = {c.name for _, c in gin_config._REGISTRY.items() if not c.selector.startswith("gin.")}
+        return f"unknown gin configurable {target} in {name} ({_did_you_mean(target, names)})"
+    params = _parameter_types(configurable)
+    if params is not None and param not in params:
+        return f"{configurable.name} has no parameter {param} ({_did_you_mean(param, params)})"
+    return None
+
+
+def _parameter_types(configurable) -> dict[str, object] | None:
+    """Declared parameter types of a registered dataclass (what every configurable here is), else None."""
+    import typing
+    cls = configurable.wrapped
+    if not dataclasses.is_dataclass(cls):
+        return None
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: no type check, names still checked
+        hints = {}
+    return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
+
+
+def _consumers(macro: str) -> list[tuple[str, object]]:
+    """(Configurable.param, declared type) of every parameter that reads `macro`, directly or via other macros."""
+    from gin import config as gin_config
+    out, todo, seen = [], [macro], set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        for (scope, selector), params in gin_config._CONFIG.items():
+            for param, value in params.items():
+                if not any(ref.scoped_selector.rpartition("/")[0] == m for ref in _macro_refs(value)):
+                    continue
+                if selector == "gin.macro":
+                    todo.append(scope)
+                    continue
+                configurable = gin_config._REGISTRY.get_match(selector)
+                types = _parameter_types(configurable) if configurable else None
+                if types and types.get(param) is not None:
+                    out.append((f"{configurable.name}.{param}", types[param]))
+    return out
+
+
+def _type_problems(name: str) -> list[str]:
+    """The bound value of `name` against the types of the parameters that read it."""
+    from gin import config as gin_config
+    if "." in name:
+        target, _, param = name.rpartition("/")[2].rpartition(".")
+        configurable = gin_config._REGISTRY.get_match(target)
+        expected = [(_parameter_types(configurable) or {}).get(param)]
+        value = gin.query_parameter(name)
+    elif "/" in name:
+        return []
+    else:
+        expected = [t for _, t in _consumers(name)]
+        value = gin.query_parameter(f"%{name}")
+    if isinstance(value, gin_config.ConfigurableReference):
+        return []  # another macro or configurable: checked where it is bound
+    for t in expected:
+        if t is not None and not _value_matches(value, t):
+            return [f"{name} expects {_type_name(t)}, got {value!r}"]
+    return []
+
+
+def _value_matches(value, t) -> bool:
+    import types
+    import typing
+    origin = typing.get_origin(t)
+    if t is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_value_matches(value, a) for a in typing.get_args(t))
+    if origin is typing.Literal:
+        return value in typing.get_args(t)
+    if t is type(None):
+        return value is None
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or t in (tuple, list):
+        return isinstance(value, (tuple, list))
+    return True  # nested configs and other types: gin / the dataclass check them
+
+
+def _type_name(t) -> str:
+    import types
+    import typing
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(t))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(t))
+    if t is type(None):
+        return "None"
+    name = getattr(t, "__name__", str(t))
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
 
 def model_config_from_gin() -> ModelConfig:

@@ -51,8 +51,26 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
     return out
 
 
-def normalize_flag_spelling(argv: list[str], known: set[str]) -> list[str]:
-    """Accept --foo-bar and --foo_bar alike (the issues' and T5X's spellings differ)."""
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return {name: sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name, sub in action.choices.items()}
+
+
+def normalize_flag_spelling(argv: list[str], known: "set[str] | argparse.ArgumentParser") -> list[str]:
+    """Accept --foo-bar and --foo_bar alike (the issues' and T5X's spellings differ).
+
+    Given the parser, each flag is matched against the options of the (sub)command it follows, so a spelling one
+    subcommand owns does not block the other spelling on another (`convert --no_progress`)."""
+    if isinstance(known, argparse.ArgumentParser):
+        parser, out = known, []
+        for arg in argv:
+            subs = _subparsers(parser)
+            if arg in subs:
+                parser = subs[arg]
+                out.append(arg)
+            else:
+                out.extend(normalize_flag_spelling([arg], {s for a in parser._actions for s in a.option_strings}))
+        return out
     out = []
     for arg in argv:
         if arg.startswith("--") and not arg.startswith("--gin."):
@@ -75,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     parser = build_parser()
-    args = parser.parse_args(normalize_flag_spelling(argv, _option_strings(parser)))
+    args = parser.parse_args(normalize_flag_spelling(argv, parser))
     args.gin_bindings = bindings
     debug = os.environ.get("GQA_UPTRAIN_DEBUG") == "1"
     try:
@@ -83,15 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError) as e:
-        if debug:
+    except Exception as e:  # noqa: BLE001 - errors.one_line decides which errors are the user's to fix
+        from gqa_uptrain.cli.errors import one_line
+        described = one_line(e)
+        if debug or described is None:
             raise
         # One clear line; GQA_UPTRAIN_DEBUG=1 shows the traceback.
-        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-        # gin appends "In call to configurable ..." context lines; the first line names the problem.
-        print(f"gqa-uptrain {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}",
-              file=sys.stderr)
-        return 1
+        msg, code = described
+        print(f"gqa-uptrain {args.command}: error: {msg}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ def add_gin_arguments(parser: argparse.ArgumentParser, default_file: str | None 
     parser.set_defaults(_default_gin_file=default_file)
 
 
+def add_progress_argument(parser, *aliases: str, dest: str = "no_progress") -> None:
+    """The one progress switch of every long-running command: --no-progress (either spelling), plus old aliases."""
+    parser.add_argument("--no_progress", *aliases, dest=dest, action="store_true",
+                        help="no progress bars (results and metrics are still written)")
+
+
 def load_gin(args: argparse.Namespace) -> None:
     from gqa_uptrain import gin_utils
     files = args.gin_file or ([args._default_gin_file] if args._default_gin_file else [])

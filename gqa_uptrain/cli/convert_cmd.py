@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "corruption on the bundled validation split")
     parser.add_argument("--compare-examples", type=int, default=64, metavar="N",
                         help="validation examples for --compare (default 64)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from gqa_uptrain.cli.common import add_progress_argument
+    add_progress_argument(parser)
     # T5X checkpoints carry no config: --gin_file gives the architecture instead of inferring it from shapes.
     add_gin_arguments(parser)
 

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets_length", type=int, default=32)
     parser.add_argument("--eval_examples", type=int, default=128, help="fixed-noise validation examples")
     parser.add_argument("--overwrite", action="store_true", help="start over if --output_dir has a previous demo")
+    from gqa_uptrain.cli.common import add_progress_argument
+    add_progress_argument(parser)
 
 
 def _step(title: str, argv: list[str]) -> None:
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.time()
     kv_heads = [int(g) for g in args.kv_heads.split(",") if g.strip()]
     lengths = [f"--gin.BATCH_SIZE={args.batch_size}", f"--gin.INPUTS_LENGTH={args.inputs_length}",
-               f"--gin.TARGETS_LENGTH={args.targets_length}", "--gin.EVAL_EXAMPLES=32"]
+               f"--gin.TARGETS_LENGTH={args.targets_length}", "--gin.EVAL_EXAMPLES=32",
+               *(["--no_progress"] if args.no_progress else [])]
     ev = ["--task", "gqa_span_corruption", "--num_examples", str(args.eval_examples), "--max_input_length",
           str(args.inputs_length), "--max_target_length", str(args.targets_length), "--quiet"]
 

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--expand-kv", action="store_true",
                         help="repeat GQA K/V heads to num_heads so stock HF T5 loads the model")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from gqa_uptrain.cli.common import add_progress_argument
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,7 +38,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
                    help="SentencePiece model to use instead of the bundled vocabulary")
     g.add_argument("--extra_ids", type=int, default=100, help="sentinel ids appended to --vocab (default 100)")
     g.add_argument("--step", type=int, default=None, help="checkpoint step of a training run (default latest)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    from gqa_uptrain.cli.common import add_progress_argument
+    add_progress_argument(g, "--quiet", dest="quiet")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--process_id", type=int, default=None, help="this process's index, 0 .. num_processes-1")
     g.add_argument("--cpu_devices", type=int, default=None, metavar="N",
                    help="CPU only: expose N CPU devices in this process (for testing meshes without accelerators)")
-    parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar (metrics still written)")
+    from gqa_uptrain.cli.common import add_progress_argument
+    add_progress_argument(parser)
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None,

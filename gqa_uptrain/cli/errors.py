@@ -1,0 +1,61 @@
+"""The one place that turns an exception into the one line a user reads (and the exit code).
+
+Commands raise plain exceptions with the file, key or value in the message; this module only shortens them to one
+line and translates the operating system's errors, which carry the file name but not a readable sentence. Anything
+not recognised here is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import errno
+
+# OS errors a user fixes (permissions, space, a wrong path), as opposed to bugs.
+_OS_HINTS = {
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EISDIR: "is a directory (expected a file)",
+    errno.ENOTDIR: "not a directory",
+    errno.ENOENT: "no such file or directory",
+    errno.EEXIST: "already exists",
+    errno.ENOTEMPTY: "directory not empty",
+}
+
+
+def _first_line(msg: str) -> str:
+    # gin and orbax append context lines; the first line names the problem.
+    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _os_error(e: OSError) -> str | None:
+    hint = _OS_HINTS.get(e.errno)
+    if hint is None:
+        return None
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    if not where:
+        return _first_line(str(e)) or hint
+    return f"{where}: {hint}" + (" (free some space or choose another output directory)"
+                                 if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+
+
+def one_line(e: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) for an error the user can act on, or None to keep the traceback."""
+    from gqa_uptrain.gin_utils import GinBindingError
+    if isinstance(e, GinBindingError):
+        return str(e), 2  # a usage error, like argparse's
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, FileExistsError)) or (
+            isinstance(e, (FileNotFoundError, FileExistsError)) and e.filename is not None):
+        msg = _os_error(e)
+        return (msg, 1) if msg else None
+    # A cause that is a disk error, wrapped by a library (orbax re-raises writes as its own errors).
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        msg = _os_error(cause)
+        if msg:
+            return msg, 1
+    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError)):
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        return _first_line(msg) or type(e).__name__, 1
+    return None
