@@ -42,12 +42,33 @@ class LoadedCheckpoint:
     step: int | None = None
 
 
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere os.umask must set it to read it (restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created_plainly(path: str | os.PathLike, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 whatever the umask; give temp outputs the mode open()/mkdir() would, so
+    teammates can read converted checkpoints and results when the umask lets them."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path` (no half-written file)."""
     path = pathlib.Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        _as_if_created_plainly(tmp, directory=False)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -65,6 +86,7 @@ def atomic_directory(output: str | os.PathLike, overwrite: bool = False) -> Iter
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
+        _as_if_created_plainly(tmp, directory=True)
         yield tmp
         if output.exists():
             trash = output.with_name(f".{output.name}.old-{os.getpid()}")

@@ -177,7 +177,7 @@ def feature_lengths(cfg: TrainConfig) -> dict[str, int]:
 
 def _converted_dataset(cfg: TrainConfig, split: str, shuffle: bool, num_epochs: int | None, shard: tuple[int, int]
                        | None, seed: int):
-    import seqio
+    from gqa_uptrain.tf_quiet import seqio  # via tf_quiet: a plain import prints TF start-up lines
     _check_task(cfg.mixture_or_task_name)
     shard_info = seqio.ShardInfo(index=shard[0], num_shards=shard[1]) if shard else None
     try:
@@ -438,6 +438,23 @@ def resolve_length(cfg: TrainConfig, source_metadata: Mapping[str, Any] | None) 
     return max(1, int(round(cfg.uptrain_fraction * original))), original
 
 
+def describe_run(cfg: TrainConfig, train_steps: int, original_steps: int | None, mesh_shape: Mapping[str, int],
+                 resumed_from: int | None, model_dir: pathlib.Path) -> str:
+    """One line saying what this run will do, printed before the first step: a wrong MODEL_DIR, a step count not
+    derived as intended or an unexpected fresh start is visible before any compute is spent."""
+    if cfg.train_steps is not None:
+        how = "TRAIN_STEPS"
+    else:
+        src = "ORIGINAL_STEPS" if cfg.original_steps else "the source checkpoint's recorded step"
+        how = f"α={cfg.uptrain_fraction:g} x {original_steps} original steps ({src})"
+    start = (f"resuming from step {resumed_from}" if resumed_from is not None
+             else f"fresh from {cfg.initial_checkpoint}" if cfg.initial_checkpoint else "fresh from random init")
+    mesh = " ".join(f"{k}={v}" for k, v in mesh_shape.items())
+    return (f"train: {train_steps} steps ({how}); {start}; task {cfg.mixture_or_task_name}; batch {cfg.batch_size} "
+            f"x lengths {cfg.inputs_length}/{cfg.targets_length}{' packed' if cfg.pack else ''}; mesh {mesh}; "
+            f"into {model_dir}")
+
+
 def _global_from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from a host array every process holds in full."""
     x = np.asarray(x)
@@ -591,6 +608,9 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                     {**cfg.to_dict(), "resolved_train_steps": train_steps, "resolved_original_steps": original_steps,
                      "schedule_offset": schedule_offset}, indent=2, sort_keys=True, default=str) + "\n")
 
+        if primary:
+            print(describe_run(cfg, train_steps, original_steps, mesh_shape, resumed_from, model_dir),
+                  file=sys.stderr, flush=True)
         step_fn = make_train_step(model_config, cfg, optimizer, schedule, batch_axes)
         train_step = jax.jit(step_fn, in_shardings=(param_sh, opt_sh, replicated, batch_sharding),
                              out_shardings=(param_sh, opt_sh, replicated, replicated), donate_argnums=(0, 1))

@@ -112,3 +112,156 @@ def test_quiet_alias_still_works():
     assert args.quiet
     args = parser.parse_args(normalize_flag_spelling(["eval", "--checkpoint", "c", "--no-progress"], parser))
     assert args.quiet
+
+
+# --- train: says what it will do; a failed start leaves nothing behind ------------------------------------------
+
+SMALL = ["--gin.BATCH_SIZE=2", "--gin.INPUTS_LENGTH=16", "--gin.TARGETS_LENGTH=8", "--gin.EVAL_EVERY=0",
+         "--gin.LOG_EVERY=1", "--gin.TrainConfig.tensorboard=False", "--no-progress"]
+
+
+def test_failed_train_leaves_no_run_dir(capsys, tmp_path):
+    model_dir = tmp_path / "run"
+    rc, _, err = _run(capsys, "train", TINY, "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR={model_dir}",
+                      "--gin.TRAIN_STEPS=1", "--gin.MIXTURE_OR_TASK_NAME=no_such_task", *SMALL)
+    assert rc == 1 and "no_such_task" in err.strip().splitlines()[-1]
+    assert not model_dir.exists()
+    # A MODEL_DIR that existed keeps its files; only what the failed run created goes.
+    model_dir.mkdir()
+    (model_dir / "notes.txt").write_text("mine")
+    rc, _, _ = _run(capsys, "train", TINY, "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR={model_dir}",
+                    "--gin.TRAIN_STEPS=1", "--gin.MIXTURE_OR_TASK_NAME=no_such_task", *SMALL)
+    assert rc == 1
+    assert sorted(p.name for p in model_dir.iterdir()) == ["notes.txt"]
+
+
+def test_train_describes_the_run_before_the_first_step(capsys, tmp_path):
+    model_dir = tmp_path / "run"
+    rc, out, err = _run(capsys, "train", TINY, "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR={model_dir}",
+                        "--gin.TRAIN_STEPS=1", *SMALL)
+    assert rc == 0, err
+    (line,) = [x for x in err.splitlines() if x.startswith("train: ")]
+    assert line.startswith("train: 1 steps (TRAIN_STEPS); fresh from random init; task gqa_span_corruption; "
+                           "batch 2 x lengths 16/8; mesh data=1")
+    assert str(model_dir) in line
+
+
+def test_describe_run_names_alpha_derivation(tmp_path):
+    from gqa_uptrain.train import TrainConfig, describe_run
+    cfg = TrainConfig(model_dir=str(tmp_path), uptrain_fraction=0.05, initial_checkpoint="/ckpt/gqa8",
+                      batch_size=8)
+    line = describe_run(cfg, 50, 1000, {"data": 1, "fsdp": 1, "model": 1}, None, tmp_path)
+    assert "50 steps (α=0.05 x 1000 original steps (the source checkpoint's recorded step))" in line
+    assert "fresh from /ckpt/gqa8" in line
+    assert "resuming from step 7" in describe_run(cfg, 50, 1000, {"data": 1}, 7, tmp_path)
+
+
+# --- eval / infer inputs: one line naming file, line and value; outputs never replaced silently ------------------
+
+@pytest.mark.parametrize("row, expect", [
+    ("3", "expected a JSON object"),
+    ('{"inputs": "a", "targets": null}', "'targets' must be a string or a non-empty list of strings, got None"),
+    ('{"inputs": "a", "targets": 5}', "got 5"),
+    ('{"inputs": "a", "targets": [1, 2]}', "got [1, 2]"),
+    ('{"inputs": "a", "targets": []}', "got []"),
+])
+def test_eval_rows_are_checked(tmp_path, row, expect):
+    from gqa_uptrain.evaluate import read_seq2seq_file
+    f = tmp_path / "dev.jsonl"
+    f.write_text('{"inputs": "x", "targets": "y"}\n' + row + "\n")
+    with pytest.raises(ValueError, match="dev.jsonl:2: ") as e:
+        read_seq2seq_file(f)
+    assert expect in str(e.value)
+
+
+def test_eval_corrupt_gzip_and_non_utf8(tmp_path):
+    import gzip
+    from gqa_uptrain.evaluate import read_seq2seq_file
+    bad = tmp_path / "dev.jsonl.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"dev.jsonl.gz: corrupt or truncated gzip file"):
+        read_seq2seq_file(bad)
+    trunc = tmp_path / "t.tsv.gz"
+    trunc.write_bytes(gzip.compress(b"a\tb\n" * 1000)[:-30])
+    with pytest.raises(ValueError, match=r"t.tsv.gz: corrupt or truncated gzip file"):
+        read_seq2seq_file(trunc)
+    latin = tmp_path / "l.tsv"
+    latin.write_bytes(b"ok\tfine\ncaf\xe9\tx\n")
+    with pytest.raises(ValueError, match=r"l.tsv:2: not UTF-8 text"):
+        read_seq2seq_file(latin)
+
+
+def test_infer_and_eval_check_input_and_output_first(capsys, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("hello\n")
+    existing = tmp_path / "out.jsonl"
+    existing.write_text("precious\n")
+    # The checkpoint does not exist: each refusal below must come before it is even looked at.
+    ck = tmp_path / "no_ckpt"
+    cases = [
+        (["infer", "--checkpoint", ck, "--input", tmp_path, "--output", tmp_path / "o"], "--input"),
+        (["infer", "--checkpoint", ck, "--input", src, "--output", tmp_path], "is a directory"),
+        (["infer", "--checkpoint", ck, "--input", src, "--output", existing], "exists; pass --overwrite"),
+        (["eval", "--checkpoint", ck, "--data", tmp_path, "--output", tmp_path / "r.json"], "--data"),
+        (["eval", "--checkpoint", ck, "--data", src, "--output", existing], "exists; pass --overwrite"),
+    ]
+    for argv, expect in cases:
+        rc, _, err = _run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and expect in lines[0], (argv, err)
+    assert existing.read_text() == "precious\n"
+
+
+def test_infer_rejects_non_utf8_and_bare_rows(capsys, tmp_path):
+    from gqa_uptrain.cli.infer_cmd import _read_inputs
+    f = tmp_path / "in.txt"
+    f.write_bytes(b"caf\xe9\n")
+    with pytest.raises(ValueError, match="in.txt: not UTF-8 text"):
+        _read_inputs(str(f))
+    j = tmp_path / "in.jsonl"
+    j.write_text("7\n")
+    with pytest.raises(ValueError, match=r"in.jsonl:1: expected a JSON object with an 'inputs' field, got 7"):
+        _read_inputs(str(j))
+
+
+# --- outputs honour the umask ------------------------------------------------------------------------------------
+
+def _modes(root):
+    return {p.relative_to(root).as_posix() or ".": (p.stat().st_mode & 0o777, p.is_dir())
+            for p in [root, *root.rglob("*")]}
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    import numpy as np
+
+    from gqa_uptrain import checkpoint
+    from gqa_uptrain.config import ModelConfig
+    cfg = ModelConfig(vocab_size=8, d_model=4, num_heads=2, head_dim=2, d_ff=4, num_encoder_layers=1,
+                      num_decoder_layers=1)
+    params = {k: np.zeros(s, np.float32) for k, s in checkpoint.expected_shapes(cfg).items()}
+    old = os.umask(0o022)
+    try:
+        checkpoint.atomic_write_text(tmp_path / "results.json", "{}\n")
+        checkpoint.save_params(tmp_path / "ckpt", params, cfg)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
+    modes = _modes(tmp_path / "ckpt")
+    assert len(modes) > 4
+    wrong = {k: oct(m) for k, (m, is_dir) in modes.items() if m != (0o755 if is_dir else 0o644)}
+    assert not wrong, wrong
+
+
+# --- TensorFlow's start-up lines stay silent ---------------------------------------------------------------------
+
+def test_no_tensorflow_startup_lines(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.getcwd()}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    r = subprocess.run([sys.executable, "-m", "gqa_uptrain", "train", TINY, "--gin_file=runs/pretrain.gin",
+                        f"--gin.MODEL_DIR={tmp_path / 'run'}", "--gin.TRAIN_STEPS=1",
+                        "--gin.MIXTURE_OR_TASK_NAME=no_such_task", *SMALL],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1
+    # Only our one line: no oneDNN / cuda / cpu_feature_guard / absl notices before it.
+    assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]], r.stderr
+    assert "no_such_task" in r.stderr

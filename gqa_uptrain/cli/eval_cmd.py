@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_target_length", type=int, default=None,
                         help="truncate targets for the loss to this many tokens (default 256)")
     parser.add_argument("--output", default=None, metavar="FILE", help="write results as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output / --predictions if they exist")
     parser.add_argument("--predictions", default=None, metavar="FILE",
                         help="also write JSONL {input, prediction, reference} here")
     add_decoding_arguments(parser)
@@ -98,7 +99,7 @@ def _examples(s: dict, vocab):
                         "targets": list(vocab.encode(first))[: s["max_target_length"] - 1] + [EOS_ID],
                         "input_text": text, "references": ref})
         return out
-    import seqio
+    from gqa_uptrain.tf_quiet import seqio  # via tf_quiet: a plain import prints TF start-up lines
 
     from gqa_uptrain import data
     if s["task"] not in seqio.TaskRegistry.names():
@@ -150,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
     from gqa_uptrain.cli.infer_cmd import make_generator, vocabulary
 
     s = _settings(args)
+    from gqa_uptrain.cli.outputs import check_input_file, check_output_file
+    check_input_file(s["data"], "--data")
+    check_output_file(s["output"], args.overwrite)
+    check_output_file(args.predictions, args.overwrite, "--predictions")
     span = s["task"] == "gqa_span_corruption"
     metrics = evaluate.parse_metric_names(s["metrics"] or ("loss" if span else "loss,rouge,bleu,em_f1"))
     ckpt = load_params(s["checkpoint"], args.step)

@@ -48,12 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, metavar="FILE|-",
                         help="text file (one input per line), .jsonl with an 'inputs' field, or - for stdin")
     parser.add_argument("--output", default="-", metavar="FILE|-", help="JSONL output (default stdout)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     add_decoding_arguments(parser)
 
 
 def vocabulary(args: argparse.Namespace):
     if args.vocab:
-        import seqio
+        from gqa_uptrain.tf_quiet import seqio  # via tf_quiet: a plain import prints TF start-up lines
         import pathlib
         if not pathlib.Path(args.vocab).exists():
             raise FileNotFoundError(f"vocabulary {args.vocab} does not exist")
@@ -101,7 +102,10 @@ def _read_inputs(path: str) -> list[str]:
         p = pathlib.Path(path)
         if not p.exists():
             raise FileNotFoundError(f"input file {path} does not exist")
-        lines = p.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         name = path
     texts = []
     for lineno, line in enumerate(lines, 1):
@@ -112,8 +116,9 @@ def _read_inputs(path: str) -> list[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{name}:{lineno}: invalid JSON ({e})") from None
-            if "inputs" not in obj:
-                raise ValueError(f"{name}:{lineno}: record lacks the 'inputs' field")
+            if not isinstance(obj, dict) or "inputs" not in obj:
+                raise ValueError(f"{name}:{lineno}: expected a JSON object with an 'inputs' field, got "
+                                 f"{line.strip()[:60]}")
             texts.append(str(obj["inputs"]))
         else:
             texts.append(line)
@@ -127,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
     from gqa_uptrain.hostmem import retain_freed_memory
     retain_freed_memory()  # before XLA's threads start: no page faults on each call's temp buffers
 
+    from gqa_uptrain.cli.outputs import check_input_file, check_output_file
+    check_input_file(args.input, "--input")
+    check_output_file(args.output, args.overwrite)
     texts = _read_inputs(args.input)
     ckpt = load_params(args.checkpoint, args.step)
     gen, batch_size = make_generator(args, ckpt.config, ckpt.params, vocabulary(args))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import nullcontext
 
 HELP = "Uptrain / pre-train / fine-tune with span corruption or a seq2seq task (gin run configs)"
 DESCRIPTION = """Train with the T5 recipe (Adafactor, rsqrt or constant schedule, z-loss) into MODEL_DIR.
@@ -154,7 +155,10 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from gqa_uptrain.train import train
-    result = train(mcfg, tcfg)
+    from gqa_uptrain.cli.outputs import created_paths_removed_on_failure
+    cleanup = created_paths_removed_on_failure(tcfg.model_dir) if jax.process_index() == 0 else nullcontext()
+    with cleanup:
+        result = train(mcfg, tcfg)
     if jax.process_index() == 0:
         last = result.metrics[-1] if result.metrics else {}
         ev = result.eval_metrics[-1] if result.eval_metrics else {}
