@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -151,13 +152,13 @@ class ParamsWriter:
         from orbax.checkpoint.experimental.v1 import partial
         tree = traverse_util.unflatten_dict(self._pending, sep="/")
         self._pending, self._pending_bytes = {}, 0
-        with self._context:
+        with self._context, _native_stderr_held():
             partial.save(self.path, tree)
 
     def close(self) -> None:
         from orbax.checkpoint.experimental.v1 import partial
         self.flush()
-        with self._context:
+        with self._context, _native_stderr_held():
             partial.finalize(self.path)
 
 
@@ -271,7 +272,7 @@ def _locate(directory: str | os.PathLike, step: int | None) -> tuple[ModelConfig
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config = read_config(directory)
     meta_path = directory / MANIFEST_FILE
-    metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    metadata = read_json(meta_path) if meta_path.exists() else {}
     if (directory / PARAMS_DIR).exists():
         return config, metadata, metadata.get("step"), _pytree_dir(directory / PARAMS_DIR)
     run_dir = directory / TRAIN_CHECKPOINTS_DIR
@@ -292,9 +293,75 @@ def load_params(directory: str | os.PathLike, step: int | None = None) -> Loaded
     """Load params + config from a converted checkpoint dir or the latest (or given) step of a training run."""
     import orbax.checkpoint as ocp
     config, metadata, step, pytree_dir = _locate(directory, step)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(pytree_dir, _restore_args(config).item)
+    with _native_stderr_held(), ocp.StandardCheckpointer() as ckptr:
+        try:
+            params = ckptr.restore(pytree_dir, _restore_args(config).item)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types; translated, not swallowed
+            raise restore_error(e, pytree_dir, config) from e
     return LoadedCheckpoint(config, params, metadata, step)
+
+
+@contextlib.contextmanager
+def _native_stderr_held():
+    """Hold what is written to fd 2 during a restore: shown afterwards on success, dropped on failure (unless
+    GQA_UPTRAIN_DEBUG=1). A failed tensorstore read prints a traceback per in-flight array from its own threads
+    ("Event loop is closed"), hundreds of lines before the one-line error that names the problem."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok or os.environ.get("GQA_UPTRAIN_DEBUG") == "1":
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+
+
+def read_json(path: pathlib.Path) -> Any:
+    """A JSON file, or one error line naming it (json's own message names only line and column)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def restore_error(e: BaseException, pytree_dir: pathlib.Path, config: ModelConfig) -> ValueError:
+    """One line for an orbax restore that failed: the tensor whose shape differs from config.json, or the damaged
+    data file, instead of a TensorStore spec dump. The original stays chained for GQA_UPTRAIN_DEBUG=1."""
+    import re
+    chain, cur = [], e
+    while cur is not None and len(chain) < 10:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    text = " ".join(str(c) for c in chain)
+    if "is not compatible with the stored shape" in text:
+        try:
+            import orbax.checkpoint as ocp
+            with ocp.PyTreeCheckpointer() as ckptr:
+                stored = flat_params(ckptr.metadata(pytree_dir).item_metadata.tree)
+            expected = expected_shapes(config)
+            for name in sorted(expected):
+                shape = tuple(getattr(stored.get(name), "shape", expected[name]))
+                if shape != tuple(expected[name]):
+                    return ValueError(f"{pytree_dir}: tensor {name} is stored with shape {shape} but "
+                                      f"{CONFIG_FILE} implies {tuple(expected[name])}: config.json does not "
+                                      "describe these parameters")
+        except Exception:  # noqa: BLE001 - naming the tensor is best effort; the shapes below still are one line
+            pass
+        m = re.search(r"Requested shape: (\(.*?\)) is not compatible with the stored shape: (\(.*?\))", text)
+        return ValueError(f"{pytree_dir}: a tensor is stored with shape {m and m.group(2)} but {CONFIG_FILE} "
+                          f"implies {m and m.group(1)}: config.json does not describe these parameters")
+    for c in reversed(chain):  # the innermost error names the file and the tensor
+        msg = str(c).strip().splitlines()[0] if str(c).strip() else ""
+        if re.match(r"[A-Z_]+: ", msg) or isinstance(c, OSError):
+            return ValueError(f"{pytree_dir}: damaged or incomplete checkpoint data ({msg[:300]})")
+    return ValueError(f"{pytree_dir}: cannot restore the parameters ({str(e).strip().splitlines()[0][:300]})")
 
 
 class TensorSource(Mapping):

@@ -265,3 +265,103 @@ def test_no_tensorflow_startup_lines(tmp_path):
     # Only our one line: no oneDNN / cuda / cpu_feature_guard / absl notices before it.
     assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]], r.stderr
     assert "no_such_task" in r.stderr
+
+
+# --- damaged checkpoints, full and read-only disks: one line naming the file ------------------------------------
+
+def _tiny_params():
+    import numpy as np
+
+    from gqa_uptrain import checkpoint
+    from gqa_uptrain.config import ModelConfig
+    cfg = ModelConfig(vocab_size=4224, d_model=16, num_heads=2, head_dim=8, d_ff=16, num_encoder_layers=1,
+                      num_decoder_layers=1)
+    return cfg, {k: np.zeros(s, np.float32) for k, s in checkpoint.expected_shapes(cfg).items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from gqa_uptrain import checkpoint
+    cfg, params = _tiny_params()
+    d = tmp_path_factory.mktemp("ckpt") / "tiny"
+    checkpoint.save_params(d, params, cfg)
+    return d
+
+
+def _damaged(src, dst, how):
+    import json
+    import shutil
+    shutil.copytree(src, dst)
+    data = sorted(p for p in (dst / "params").rglob("*") if p.is_file() and p.parent.name == "d")
+    if how == "deleted":
+        for p in data:
+            p.unlink()
+    elif how == "truncated":
+        for p in data:
+            p.write_bytes(p.read_bytes()[:10])
+    elif how == "shape":
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "d_ff": 32}))
+    elif how == "manifest":
+        (dst / "manifest.json").write_text('{"step": ')
+    elif how == "config":
+        (dst / "config.json").write_text('{"d_model": ')
+    return dst
+
+
+@pytest.mark.parametrize("how, expect", [
+    ("deleted", "damaged or incomplete checkpoint data"),
+    ("truncated", "damaged or incomplete checkpoint data"),
+    ("shape", "is stored with shape (16, 16) but config.json implies (16, 32)"),
+    ("manifest", "manifest.json is not valid JSON"),
+    ("config", "config.json is not valid JSON"),
+])
+def test_damaged_checkpoint_is_one_line(capfd, tmp_path, tiny_ckpt, how, expect):
+    ck = _damaged(tiny_ckpt, tmp_path / "ck", how)
+    src = tmp_path / "in.txt"
+    src.write_text("hello\n")
+    rc = main(["infer", "--checkpoint", str(ck), "--input", str(src), "--max_decode_length", "2", "--no-progress"])
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1, err[:3000]
+    assert expect in lines[0] and str(ck) in lines[0], lines[0]
+
+
+def test_os_errors_name_the_file():
+    import errno
+
+    from gqa_uptrain.cli.errors import one_line
+    assert one_line(OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out.json")) == (
+        "/mnt/ro/out.json: read-only file system", 1)
+    msg, _ = one_line(PermissionError(errno.EACCES, "Permission denied", "/data/run"))
+    assert msg == "/data/run: permission denied"
+    msg, _ = one_line(ValueError('RESOURCE_EXHAUSTED: Error writing "x/c/0" in OCDBT database at local file '
+                                 '"/big/.out.tmp-ab12/params/state/": Failed writing: No space left on device'))
+    assert msg.startswith("/big/out: no space left on device")
+    assert one_line(RuntimeError("a bug")) is None  # unknown errors keep their traceback
+
+
+def _tmpfs(path, *options):
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()}); needs root")
+    return path
+
+
+def test_full_and_read_only_disks(capfd, tmp_path, tiny_ckpt):
+    full = _tmpfs(tmp_path / "full", "size=64k")
+    ro = _tmpfs(tmp_path / "ro", "ro,size=64k")
+    try:
+        for out, expect in ((full / "out", f"{full}/out: no space left on device"),
+                            (ro / "out", f"{ro}/out: read-only file system")):
+            rc = main(["convert", "--source", str(tiny_ckpt), "--num-kv-heads", "1", "--output", str(out),
+                       "--no_progress"])
+            err = capfd.readouterr().err
+            lines = err.strip().splitlines()
+            assert rc == 1 and len(lines) == 1, err[:3000]
+            assert expect in lines[0], lines[0]
+        assert not any(full.iterdir())  # nothing half-written left behind
+    finally:
+        subprocess.run(["umount", str(full)])
+        subprocess.run(["umount", str(ro)])

@@ -86,6 +86,7 @@ def normalize_flag_spelling(argv: list[str], known: "set[str] | argparse.Argumen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv, bindings = split_gin_overrides(argv)
@@ -96,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(normalize_flag_spelling(argv, parser))
     args.gin_bindings = bindings
     debug = os.environ.get("GQA_UPTRAIN_DEBUG") == "1"
+    if not debug:
+        from gqa_uptrain.cli.errors import quiet_library_logging
+        quiet_library_logging()
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
@@ -109,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One clear line; GQA_UPTRAIN_DEBUG=1 shows the traceback.
         msg, code = described
         print(f"gqa-uptrain {args.command}: error: {msg}", file=sys.stderr)
+        if argv_given is None:
+            # Work orbax left in flight fails again as the interpreter exits ("Exception ignored in: <coroutine
+            # ...>"): the error is reported, keep the exit quiet. Only as the program: in-process callers keep
+            # their hook.
+            sys.unraisablehook = lambda _: None
         return code
 
 

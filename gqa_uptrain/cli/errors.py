@@ -7,6 +7,9 @@ not recognised here is a bug and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import logging
+import re
+import traceback
 
 # OS errors a user fixes (permissions, space, a wrong path), as opposed to bugs.
 _OS_HINTS = {
@@ -23,6 +26,13 @@ _OS_HINTS = {
 }
 
 
+def _user_path(path: str) -> str:
+    """/out/.NAME.tmp-XXXX/params/... -> /out/NAME: outputs are built in a temporary sibling (see
+    checkpoint.atomic_directory); name the path the user asked for."""
+    t = re.match(r"(.*?)/\.([^/]+?)\.tmp-[^/]*(/|$)", path)
+    return f"{t.group(1)}/{t.group(2)}" if t else path.rstrip("/")
+
+
 def _first_line(msg: str) -> str:
     # gin and orbax append context lines; the first line names the problem.
     lines = [line.strip() for line in msg.splitlines() if line.strip()]
@@ -33,11 +43,38 @@ def _os_error(e: OSError) -> str | None:
     hint = _OS_HINTS.get(e.errno)
     if hint is None:
         return None
-    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    where = " -> ".join(_user_path(str(f)) for f in (e.filename, e.filename2) if f is not None)
     if not where:
         return _first_line(str(e)) or hint
     return f"{where}: {hint}" + (" (free some space or choose another output directory)"
                                  if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+
+
+def _disk_full(msg: str) -> str | None:
+    """orbax/tensorstore report a full disk as RESOURCE_EXHAUSTED naming a temporary path; name the output."""
+    if "No space left on device" not in msg and "RESOURCE_EXHAUSTED" not in msg:
+        return None
+    m = re.search(r'local file "([^"]+)"', msg) or re.search(r'"(/[^"]+)"', msg)
+    where = _user_path(m.group(1)) if m else None
+    return (f"{where or 'output'}: no space left on device (free some space or choose another output directory)")
+
+
+class _DropLibraryTracebacks(logging.Filter):
+    """orbax logs every failed background write as an ERROR with a traceback (one per thread, 100+ lines for a
+    full disk) before re-raising it to us; the error is then reported once, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[2] is None:
+            return True
+        # absl attributes records from worker threads to itself, so look at where the exception came from.
+        return not any("/orbax/" in frame.filename for frame in traceback.extract_tb(record.exc_info[2]))
+
+
+def quiet_library_logging() -> None:
+    for name in ("absl", ""):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLibraryTracebacks) for f in logger.filters):
+            logger.addFilter(_DropLibraryTracebacks())
 
 
 def one_line(e: BaseException) -> tuple[str, int] | None:
@@ -55,6 +92,9 @@ def one_line(e: BaseException) -> tuple[str, int] | None:
         msg = _os_error(cause)
         if msg:
             return msg, 1
+    full = _disk_full(str(e))
+    if full:
+        return full, 1
     if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError)):
         msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
         return _first_line(msg) or type(e).__name__, 1
