@@ -140,6 +140,13 @@ class ShardedSafetensors(Mapping):
             weight_map = index["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{self.index_path}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            bad = (type(weight_map).__name__ if not isinstance(weight_map, dict) else
+                   next(f"{k!r}: {v!r}" for k, v in weight_map.items() if not (isinstance(k, str)
+                                                                              and isinstance(v, str))))
+            raise ValueError(f"{self.index_path}: 'weight_map' must map tensor names to shard file names (strings), "
+                             f"got {bad[:80]}")
         self._where = dict(weight_map)
         self._shards: dict[str, SafetensorsFile] = {}
         for shard in sorted(set(self._where.values())):
@@ -260,6 +267,10 @@ class T5XTensors(Mapping):
         for name, v in flat.items():
             if _is_ts_spec(v):
                 self.ts_files.append(self._ts_path(name, v))
+            elif not isinstance(v, (np.ndarray, np.generic)) or v.dtype.kind in "USOb":  # bfloat16 is kind 'V'
+                # Checked here: a string "kernel" would otherwise fail later as a shape or dtype mystery.
+                raise ValueError(f"{ckpt_dir}: T5X parameter {name!r} is a {type(v).__name__} "
+                                 f"({str(v)[:40]!r}), not a numeric array or tensorstore spec")
 
     def _ts_path(self, name: str, spec: dict[str, Any]) -> pathlib.Path:
         kv = spec.get("kvstore", {})

@@ -365,3 +365,53 @@ def test_full_and_read_only_disks(capfd, tmp_path, tiny_ckpt):
     finally:
         subprocess.run(["umount", str(full)])
         subprocess.run(["umount", str(ro)])
+
+
+# --- source checkpoints and convert arguments ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("weight_map, expect", [
+    (["model-00001-of-00001.safetensors"], "got list"),
+    ({"shared.weight": 3}, "got 'shared.weight': 3"),
+    ({"shared.weight": None}, "got 'shared.weight': None"),
+])
+def test_hf_index_weight_map_must_map_strings(capsys, tmp_path, weight_map, expect):
+    import json
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 16, "num_heads": 2, "d_kv": 8,
+                                                 "d_ff": 16, "num_layers": 1, "vocab_size": 4224}))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    rc, _, err = _run(capsys, "convert", "--source", src, "--num-kv-heads", "1", "--output", tmp_path / "o",
+                      "--no-progress")
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1, err
+    assert "model.safetensors.index.json: 'weight_map' must map tensor names to shard file names" in lines[0]
+    assert expect in lines[0]
+
+
+def test_t5x_kernel_stored_as_a_string(capsys, tmp_path):
+    from flax import serialization
+    from flax import traverse_util
+    cfg, params = _tiny_params()
+    from gqa_uptrain.checkpoint import flat_params
+    flat = dict(flat_params(traverse_util.unflatten_dict(params, sep="/")))
+    flat["decoder/layers_0/mlp/wo/kernel"] = "not a tensor"
+    state = {"target": traverse_util.unflatten_dict(flat, sep="/"), "state": {"step": 10}}
+    d = tmp_path / "checkpoint_10"
+    d.mkdir()
+    (d / "checkpoint").write_bytes(serialization.msgpack_serialize(state))
+    rc, _, err = _run(capsys, "convert", "--source", d, "--source-format", "t5x", "--num-kv-heads", "1",
+                      "--output", tmp_path / "o", "--no-progress")
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1, err
+    assert "T5X parameter 'decoder/layers_0/mlp/wo/kernel' is a str ('not a tensor')" in lines[0]
+
+
+@pytest.mark.parametrize("flag", ["--calibration-examples", "--calibration_length", "--compare-examples"])
+def test_convert_counts_must_be_positive(capsys, tmp_path, tiny_ckpt, flag):
+    rc, _, err = _run(capsys, "convert", "--source", tiny_ckpt, "--num-kv-heads", "1", "--method", "svd",
+                      "--output", tmp_path / "o", flag, "0", "--no-progress")
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1, err
+    assert lines[0].endswith("must be >= 1, got 0") and flag.replace("_", "-") in lines[0]
+    assert not (tmp_path / "o").exists()

@@ -155,6 +155,14 @@ def _span_corruption_pairs(split: str, n: int, length: int, seed: int) -> list[t
     return [(list(e["inputs"]), list(e["targets"])) for e in examples]
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """Sizes that must be positive, checked before any file is read (0 examples fails deep in numpy otherwise)."""
+    for flag in ("calibration_examples", "calibration_length", "compare_examples"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+
+
 def _token_batch(spec: str, config, args, split: str, n: int):
     import numpy as np
     length = args.calibration_length
@@ -232,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown method {m!r} in --compare-methods; choose from {convert.METHODS}")
     if not args.output and not args.compare:
         raise ValueError("--output is required (or pass --compare to only compare methods)")
+    _check_counts(args)
     out = pathlib.Path(args.output).absolute() if args.output else None
     if out is not None and out.exists() and not args.overwrite:
         raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
