@@ -415,3 +415,35 @@ def test_convert_counts_must_be_positive(capsys, tmp_path, tiny_ckpt, flag):
     assert rc == 1 and len(lines) == 1, err
     assert lines[0].endswith("must be >= 1, got 0") and flag.replace("_", "-") in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+# --- the demo report shows what it measures, with links that work from demo_output/ ------------------------------
+
+def test_demo_report_links_its_plot_and_drops_toy_timings(tmp_path):
+    import json
+    import re
+    from types import SimpleNamespace
+
+    from gqa_uptrain import checkpoint
+    from gqa_uptrain.cli.demo_cmd import write_report
+    from gqa_uptrain.config import ModelConfig
+    models = {"MHA": 8, "GQA-2": 2, "MQA": 1}
+    for i, (name, g) in enumerate(models.items()):
+        (tmp_path / name / "converted").mkdir(parents=True)
+        checkpoint.write_config_files(tmp_path / name / "converted", ModelConfig(
+            vocab_size=4224, d_model=128, num_heads=8, head_dim=16, d_ff=256, num_encoder_layers=2,
+            num_decoder_layers=2).with_decoder_kv_heads(g))
+        for f, loss in (("eval_alpha0.json", 5.0 + i), ("eval_uptrained.json", 4.0 + i / 10)):
+            (tmp_path / name / f).write_text(json.dumps({"metrics": {"loss": loss}}))
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"input": "a", "output": "b"}) + "\n")
+    text = write_report(tmp_path, models, SimpleNamespace(alpha=0.1, pretrain_steps=300, eval_examples=128), 12.0)
+    assert (tmp_path / "report.md").read_text() == text
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    assert "report.png" in links
+    for link in links:  # every link resolves from the report's own directory
+        assert (tmp_path / link).exists(), link
+    assert (tmp_path / "report.png").stat().st_size > 1000
+    assert "time/sample" not in text and "ms" not in text.split("|")[-1]
+    # KV bytes/token per model: 2 (K,V) x 2 layers x G x 16 x 4 bytes.
+    assert "| MQA | 1 | 256 |" in text and "| GQA-2 | 2 | 512 |" in text and "| MHA | 8 | 2,048 |" in text
+    assert "gqa-uptrain bench decode" in text and "docs/bench/" in text
