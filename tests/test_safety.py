@@ -116,6 +116,17 @@ def test_convert_and_export_refuse_nonfinite_weights(tmp_path, tiny_config, para
     assert rc == 0 and "warning:" in err, err
 
 
+@pytest.mark.parametrize("cmd", ["infer", "eval"])
+def test_infer_and_eval_refuse_nonfinite_checkpoint(tmp_path, tiny_config, params, capsys, cmd):
+    checkpoint.save_params(tmp_path / "conv", _poison(params), tiny_config)
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"inputs": [5, 6, 7], "targets": [8, 9]}) + "\n")
+    extra = ["--input", data] if cmd == "infer" else ["--data", data, "--metrics", "loss"]
+    rc, err = _run(capsys, cmd, "--checkpoint", tmp_path / "conv", *extra, "--quiet")
+    assert rc == 1 and "'decoder/layers_0/mlp/wo/kernel' has 3 non-finite" in err, err
+    assert "--allow_nonfinite" in err
+
+
 def test_check_tree_finite_names_tensor_and_count(tiny_config, params):
     checkpoint.check_tree_finite(params, "ok")
     with pytest.raises(ValueError, match=r"ckpt: tensor 'decoder/layers_0/mlp/wo/kernel' has 2 non-finite .* of "

@@ -39,6 +39,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--extra_ids", type=int, default=100, help="sentinel ids appended to --vocab (default 100)")
     g.add_argument("--step", type=int, default=None, help="checkpoint step of a training run (default latest)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--allow_nonfinite", action="store_true",
+                   help="use the checkpoint even if parameters hold NaN/Inf (reported either way; refused by default)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,12 +124,13 @@ def _read_inputs(path: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gqa_uptrain.checkpoint import atomic_write_text, load_params
+    from gqa_uptrain.checkpoint import atomic_write_text, check_tree_finite, load_params
     from gqa_uptrain.hostmem import retain_freed_memory
     retain_freed_memory()  # before XLA's threads start: no page faults on each call's temp buffers
 
     texts = _read_inputs(args.input)
     ckpt = load_params(args.checkpoint, args.step)
+    check_tree_finite(ckpt.params, args.checkpoint, args.allow_nonfinite)
     gen, batch_size = make_generator(args, ckpt.config, ckpt.params, vocabulary(args))
     outputs = generate_all(gen, texts, batch_size, args.quiet)
     records = "".join(json.dumps({"input": t, "output": o}, ensure_ascii=False) + "\n"
