@@ -291,3 +291,126 @@ def test_overwrite_onto_a_file_leaves_nothing_behind(tmp_path, tiny_config, para
     (tmp_path / "out").write_text("old")
     checkpoint.save_params(tmp_path / "out", params, tiny_config, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ------------------------------------------------------------------------------ training: divergence, recovery
+
+
+def _train_cfg(model_dir, **kw):
+    from gqa_uptrain.optim import OptimizerConfig
+    from gqa_uptrain.train import TrainConfig
+    base = dict(model_dir=str(model_dir), inputs_length=32, targets_length=8, batch_size=4, train_steps=4,
+                save_every=2, eval_every=2, eval_examples=4, log_every=1, progress=False, tensorboard=False,
+                async_checkpointing=False, optimizer=OptimizerConfig(schedule="constant", base_learning_rate=0.01))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _data_model():
+    from gqa_uptrain.config import ModelConfig
+    return ModelConfig(vocab_size=4224, d_model=32, num_heads=4, head_dim=8, d_ff=48, num_encoder_layers=1,
+                       num_decoder_layers=1)
+
+
+def _steps(run):
+    import orbax.checkpoint as ocp
+    with ocp.CheckpointManager(run / "checkpoints") as m:
+        return sorted(m.all_steps())
+
+
+def test_train_refuses_model_dir_overlapping_initial_checkpoint(tmp_path, tiny_config, params):
+    from gqa_uptrain.train import train
+    checkpoint.save_params(tmp_path / "conv", params, tiny_config)
+    for model_dir in (tmp_path / "conv", tmp_path / "conv" / "run"):
+        with pytest.raises(ValueError, match="MODEL_DIR .* the INITIAL_CHECKPOINT"):
+            train(tiny_config, _train_cfg(model_dir, initial_checkpoint=str(tmp_path / "conv")))
+    assert sorted(p.name for p in (tmp_path / "conv").iterdir()) == ["config.json", "manifest.json", "model.gin",
+                                                                      "params"]
+
+
+@pytest.mark.parametrize("binding,msg", [
+    ("--gin.LEARNING_RATE=1e39", "LEARNING_RATE (OptimizerConfig.base_learning_rate) must be finite and in (0, 1000]"),
+    ("--gin.LEARNING_RATE=nan", "LEARNING_RATE (OptimizerConfig.base_learning_rate) must be finite"),
+    ("--gin.Z_LOSS=inf", "Z_LOSS (TrainConfig.z_loss) must be finite"),
+])
+def test_absurd_hyperparameters_rejected_up_front(tmp_path, capsys, binding, msg):
+    rc, err = _run(capsys, "train", "--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin",
+                   f"--gin.MODEL_DIR={tmp_path / 'run'}", "--gin.TRAIN_STEPS=1", binding, "--no_progress")
+    assert rc == 1 and msg in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def nan_after(monkeypatch):
+    """Make the training step return NaN parameters from step `n` on, with a finite loss (what a huge update
+    does: the loss is computed before the update)."""
+    import jax.numpy as jnp
+
+    from gqa_uptrain import train as train_lib
+    real = train_lib.make_train_step
+    state = {"n": 10 ** 9}
+
+    def make(*a, **kw):
+        step_fn = real(*a, **kw)
+
+        def wrapped(params, opt_state, step, batch):
+            params, opt_state, new_step, metrics = step_fn(params, opt_state, step, batch)
+            poison = jnp.where(new_step >= state["n"], jnp.nan, 0.0)
+            return jax.tree.map(lambda p: p + poison, params), opt_state, new_step, metrics
+        return wrapped
+    monkeypatch.setattr(train_lib, "make_train_step", make)
+    return state
+
+
+def test_nonfinite_parameters_are_never_saved(tmp_path, nan_after):
+    from gqa_uptrain.train import NonFiniteLossError, train
+    nan_after["n"] = 1
+    with pytest.raises(NonFiniteLossError, match="non-finite parameters .* after step 1; not saved. Last good "
+                                                 "checkpoint: none"):
+        train(_data_model(), _train_cfg(tmp_path / "one", train_steps=1, eval_every=0))
+    assert _steps(tmp_path / "one") == []
+    nan_after["n"] = 3
+    with pytest.raises(NonFiniteLossError, match="after step 3; not saved. Last good checkpoint: step 2"):
+        train(_data_model(), _train_cfg(tmp_path / "run", train_steps=4, save_every=1, eval_every=0))
+    assert _steps(tmp_path / "run") == [1, 2]
+    checkpoint.check_tree_finite(checkpoint.load_params(tmp_path / "run").params, "last good")
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, capsys, how):
+    from gqa_uptrain.metrics import read_metrics
+    from gqa_uptrain.train import train
+    run = tmp_path / "run"
+    train(_data_model(), _train_cfg(run, eval_every=0))
+    assert _steps(run) == [2, 4]
+    files = sorted(p for p in (run / "checkpoints" / "4" / "params").rglob("*") if p.is_file())
+    victim = max(files, key=lambda p: p.stat().st_size)  # the largest data file
+    if how == "truncate":
+        victim.write_bytes(victim.read_bytes()[:100])
+    else:
+        victim.unlink()
+    capsys.readouterr()
+    res = train(_data_model(), _train_cfg(run, eval_every=0))
+    err = capsys.readouterr().err
+    assert res.resumed_from == 2 and res.step == 4
+    assert "checkpoint step 4" in err and "does not restore" in err and "resuming from step 2" in err, err
+    assert (run / "damaged_checkpoints" / "4" / "params").is_dir()  # moved aside, not deleted
+    assert _steps(run) == [2, 4]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]  # steps 3, 4 once each
+
+
+def test_resume_truncates_metrics_and_keeps_checkpoint_eval(tmp_path):
+    from gqa_uptrain.metrics import METRICS_FILE, read_metrics
+    from gqa_uptrain.train import train
+    run = tmp_path / "run"
+    train(_data_model(), _train_cfg(run))
+    # As if the run had been killed after saving step 4 but before its eval record, having logged two more
+    # steps of a longer run (and torn the last line).
+    recs = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    recs = [r for r in recs if not (r["split"] == "eval" and r["step"] == 4)]
+    recs += [{"step": 5, "split": "train", "loss": 1.0}, {"step": 6, "split": "train", "loss": 1.0}]
+    (run / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 7, "spl')
+    res = train(_data_model(), _train_cfg(run, train_steps=6))
+    assert res.resumed_from == 4
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(run, "eval")] == [2, 4, 6]
