@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -63,11 +64,89 @@ def _as_if_created_plainly(path: str | os.PathLike, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+# Temporary names carry the writer's PID so a later run can tell a killed writer's leftovers (PID gone) from a
+# concurrent writer's work in progress (PID alive), which it must not touch.
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+
+
+def remove_stale_temporaries(output: str | os.PathLike) -> list[pathlib.Path]:
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` left beside `output` by a killed run (only if PID is not alive).
+
+    Returns what was removed. Names written before temporaries carried a PID are left alone: nothing tells
+    whether their writer is still running."""
+    output = pathlib.Path(output).absolute()
+    removed = []
+    if not output.parent.is_dir():
+        return removed
+    for p in output.parent.glob(f".{glob_escape(output.name)}.*"):
+        m = _STALE.match(p.name)
+        if not m or m.group("name") != output.name or _pid_alive(int(m.group("pid"))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left by an interrupted run: "
+              f"{', '.join(p.name for p in removed)}", file=sys.stderr)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def check_disjoint(source: str | os.PathLike, output: str | os.PathLike, source_what: str = "source",
+                   output_what: str = "output") -> None:
+    """Refuse an output that is, contains or lies inside the source (symlinks resolved), before anything is written.
+
+    Replacing such an output (--overwrite) would delete the source, and writing inside it changes what it holds."""
+    s, o = pathlib.Path(source).resolve(), pathlib.Path(output).resolve()
+    if o == s:
+        how = "is"
+    elif o in s.parents:
+        how = "contains"
+    elif s in o.parents:
+        how = "lies inside"
+    else:
+        return
+    raise ValueError(f"{output_what} {output} {how} the {source_what} {source} (resolved: {s}); choose an "
+                     f"{output_what} outside it, the {source_what} must not be modified")
+
+
+def resolve_inside(root: str | os.PathLike, relative: str | os.PathLike, what: str,
+                   base: str | os.PathLike | None = None) -> pathlib.Path:
+    """`base/relative` (base defaults to root) with symlinks resolved, or a one-line ValueError if that leaves `root`.
+
+    For names read from a checkpoint's own files (shard names, tensorstore paths): such a file must never make a
+    reader open, list or hash anything outside the checkpoint. The message names only the offending name."""
+    root_resolved = pathlib.Path(root).resolve()
+    rel = str(relative)
+    if os.path.isabs(rel) or pathlib.PurePath(rel).is_absolute():
+        raise ValueError(f"{what}: {rel!r} is an absolute path; only files inside {root} may be read")
+    path = (pathlib.Path(base if base is not None else root).resolve() / rel).resolve()
+    if path != root_resolved and root_resolved not in path.parents:
+        raise ValueError(f"{what}: {rel!r} resolves outside {root}; only files inside it may be read")
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path` (no half-written file)."""
     path = pathlib.Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         _as_if_created_plainly(tmp, directory=False)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -85,15 +164,19 @@ def atomic_directory(output: str | os.PathLike, overwrite: bool = False) -> Iter
     if output.exists() and not overwrite:
         raise FileExistsError(f"output {output} already exists (pass --overwrite to replace it)")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    remove_stale_temporaries(output)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
         _as_if_created_plainly(tmp, directory=True)
         yield tmp
-        if output.exists():
+        if output.exists() or output.is_symlink():
             trash = output.with_name(f".{output.name}.old-{os.getpid()}")
             output.rename(trash)
             tmp.rename(output)
-            shutil.rmtree(trash, ignore_errors=True)
+            if trash.is_dir() and not trash.is_symlink():
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                trash.unlink(missing_ok=True)
         else:
             tmp.rename(output)
     except BaseException:
@@ -274,6 +357,11 @@ def _locate(directory: str | os.PathLike, step: int | None) -> tuple[ModelConfig
     meta_path = directory / MANIFEST_FILE
     metadata = read_json(meta_path) if meta_path.exists() else {}
     if (directory / PARAMS_DIR).exists():
+        if step is not None:
+            # A converted/exported dir holds one set of parameters; silently ignoring the step would hand back
+            # parameters the caller did not ask for.
+            raise ValueError(f"--step {step}: {directory} is a converted checkpoint without training steps; drop "
+                             "--step (or pass a training MODEL_DIR)")
         return config, metadata, metadata.get("step"), _pytree_dir(directory / PARAMS_DIR)
     run_dir = directory / TRAIN_CHECKPOINTS_DIR
     if run_dir.exists():
@@ -283,7 +371,8 @@ def _locate(directory: str | os.PathLike, step: int | None) -> tuple[ModelConfig
         if step is None:
             raise FileNotFoundError(f"{run_dir} holds no complete checkpoint")
         if step not in steps:
-            raise FileNotFoundError(f"{run_dir} has no complete checkpoint for step {step} (have {sorted(steps)})")
+            raise FileNotFoundError(f"--step {step}: {run_dir} has no complete checkpoint for that step (available: "
+                                    f"{', '.join(str(s) for s in sorted(steps)) or 'none'})")
         return config, metadata, int(step), run_dir / str(step) / PARAMS_DIR
     raise FileNotFoundError(f"{directory} has neither {PARAMS_DIR}/ nor {TRAIN_CHECKPOINTS_DIR}/: "
                             "not a gqa_uptrain checkpoint")
@@ -412,6 +501,52 @@ def open_params(directory: str | os.PathLike, step: int | None = None) -> Loaded
     config, metadata, step, pytree_dir = _locate(directory, step)
     shapes = expected_shapes(config)
     return LoadedCheckpoint(config, TensorSource(shapes, _partial_restore_loader(pytree_dir, shapes)), metadata, step)
+
+
+def nonfinite_count(array: Any) -> int:
+    """Number of NaN/Inf entries of a float array (0 for integer arrays)."""
+    a = np.asarray(array)
+    if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":
+        return 0
+    return int(a.size - np.count_nonzero(np.isfinite(a)))
+
+
+def _nonfinite_message(where: str, name: str, count: int, size: int, flag: str) -> str:
+    return (f"{where}: tensor {name!r} has {count} non-finite (NaN/Inf) value(s) of {size}; refusing to use it "
+            f"(pass {flag} to proceed anyway)")
+
+
+def checked_finite(tensors: Mapping[str, Any], where: str, allow: bool = False,
+                   flag: str = "--allow-nonfinite") -> "TensorSource":
+    """A lazy view of `tensors` that checks each tensor when it is read: NaN/Inf is a ValueError naming the tensor
+    and count, or (allow=True) a warning on stderr. Streaming readers keep reading one tensor at a time."""
+    def load(name: str) -> np.ndarray:
+        arr = tensors[name]
+        bad = nonfinite_count(arr)
+        if bad:
+            msg = _nonfinite_message(where, name, bad, int(np.size(arr)), flag)
+            if not allow:
+                raise ValueError(msg)
+            print(f"warning: {msg.split('; refusing')[0]} (proceeding: {flag})", file=sys.stderr)
+        return arr
+    shape = getattr(tensors, "shape", None)
+    shapes = {n: (shape(n) if callable(shape) else tuple(np.shape(tensors[n]))) for n in tensors}
+    return TensorSource(shapes, load)
+
+
+def check_tree_finite(params: Any, where: str, allow: bool = False, flag: str = "--allow_nonfinite") -> None:
+    """In-memory parameters: report every non-finite tensor (name and count) and refuse unless `allow`."""
+    from flax import traverse_util
+    bad = {k: (nonfinite_count(v), int(np.size(v))) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    bad = {k: v for k, v in bad.items() if v[0]}
+    if not bad:
+        return
+    first = sorted(bad)[0]
+    more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
+    msg = _nonfinite_message(where, first, *bad[first], flag).replace("; refusing", f"{more}; refusing")
+    if not allow:
+        raise ValueError(msg)
+    print(f"warning: {msg.split('; refusing')[0]} (proceeding: {flag})", file=sys.stderr)
 
 
 def tree_to_numpy(tree: Any) -> Any:

@@ -1,15 +1,17 @@
-"""Export our checkpoints to Hugging Face T5 (`model.safetensors` + `config.json`), streaming.
+"""Export our checkpoints to Hugging Face T5 (safetensors + `config.json`), in HF's sharded layout.
 
-Each tensor is read from our checkpoint (orbax partial restore), converted to the HF layout and written to the
-safetensors file (whose header is computed from shapes first) before the next one is read, so exporting never
-holds the model in memory. Names and layouts come from `gqa_uptrain.hf`.
+Tensors are read from our checkpoint one at a time (orbax partial restore), converted to the HF layout and
+collected into shards of at most `max_shard_bytes`; each full shard is written with `safetensors.numpy.save_file`
+and dropped before the next is read, so exporting holds at most one shard (plus the tensor being added), never the
+whole model. One shard is written as `model.safetensors`; more as `model-0000i-of-0000n.safetensors` plus
+`model.safetensors.index.json` (HF's `save_pretrained` layout, which `from_pretrained` and our readers load).
+Names and layouts come from `gqa_uptrain.hf`.
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-import struct
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -17,46 +19,75 @@ import numpy as np
 from gqa_uptrain import hf
 from gqa_uptrain.config import ModelConfig
 
-_DTYPE_CODES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
-                np.dtype("int32"): "I32", np.dtype("int64"): "I64"}
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_MIB = 1024
 
 
-def _code(dtype: np.dtype) -> str:
-    if dtype.name == "bfloat16":
-        return "BF16"
-    if dtype not in _DTYPE_CODES:
-        raise ValueError(f"cannot write dtype {dtype} to safetensors")
-    return _DTYPE_CODES[dtype]
-
-
-def write_safetensors(path: str | os.PathLike, specs: list[tuple[str, tuple[int, ...], np.dtype]],
-                      tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None,
-                      progress: Callable[[Iterator], Iterator] | None = None) -> None:
-    """Write a safetensors file from `specs` (name, shape, dtype), then stream `tensors` in the same order.
-
-    Only the tensor being written is in memory. Raises ValueError if a tensor's name/shape/dtype differs from
-    its spec.
-    """
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
+def plan_shards(specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int) -> list[list[str]]:
+    """Split tensor names (in order) into consecutive shards of at most `max_shard_bytes` (a larger tensor gets a
+    shard of its own), as HF's `split_torch_state_dict_into_shards` does."""
+    shards: list[list[str]] = [[]]
+    size = 0
     for name, shape, dtype in specs:
         n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _code(np.dtype(dtype)), "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the reference writer does
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return [SAFETENSORS]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_sharded_safetensors(directory: str | os.PathLike, specs: list[tuple[str, tuple[int, ...], np.dtype]],
+                              tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int,
+                              metadata: dict[str, str] | None = None,
+                              progress: Callable[[Iterator], Iterator] | None = None) -> list[str]:
+    """Write `tensors` (streamed in the order of `specs`) as safetensors shards + index into `directory`.
+
+    Returns the file names written. Raises ValueError if a tensor's name/shape/dtype differs from its spec."""
+    from safetensors.numpy import save_file
+    directory = pathlib.Path(directory)
+    if max_shard_bytes < 1:
+        raise ValueError(f"--max-shard-mib must be > 0, got {max_shard_bytes / 2 ** 20:g}")
+    plan = plan_shards(specs, max_shard_bytes)
+    files = shard_file_names(len(plan))
+    spec_of = {name: (tuple(shape), np.dtype(dtype)) for name, shape, dtype in specs}
     it = iter(tensors)
     if progress is not None:
         it = progress(it)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for (name, shape, dtype), (got_name, arr) in zip(specs, it, strict=True):
+    weight_map: dict[str, str] = {}
+    total = 0
+    for names, fname in zip(plan, files):
+        shard: dict[str, np.ndarray] = {}
+        for want in names:
+            got = next(it, None)
+            if got is None:
+                raise ValueError(f"safetensors writer: stream ended before {want}")
+            got_name, arr = got
             arr = np.ascontiguousarray(arr)
-            if got_name != name or tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
+            shape, dtype = spec_of[want]
+            if got_name != want or tuple(arr.shape) != shape or arr.dtype != dtype:
                 raise ValueError(f"safetensors writer: got {got_name} {arr.shape} {arr.dtype}, expected "
-                                 f"{name} {tuple(shape)} {np.dtype(dtype)}")
-            f.write(arr.tobytes())
+                                 f"{want} {shape} {dtype}")
+            shard[want] = arr
+            weight_map[want] = fname
+            total += arr.nbytes
+        save_file(shard, str(directory / fname), metadata=metadata or {"format": "pt"})
+        del shard
+    if next(it, None) is not None:
+        raise ValueError("safetensors writer: more tensors than specs")
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        files = files + [SAFETENSORS_INDEX]
+    return files
 
 
 def hf_specs(config: ModelConfig, expand_kv: bool = False) -> list[tuple[str, tuple[int, ...], np.dtype]]:
@@ -74,21 +105,28 @@ def hf_specs(config: ModelConfig, expand_kv: bool = False) -> list[tuple[str, tu
 
 
 def export_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False,
-              expand_kv: bool = False, step: int | None = None, show_progress: bool = False) -> pathlib.Path:
-    """Our checkpoint dir (converted dir or MODEL_DIR) -> HF dir with model.safetensors + config.json, atomically."""
-    from gqa_uptrain.checkpoint import atomic_directory, open_params
+              expand_kv: bool = False, step: int | None = None, show_progress: bool = False,
+              max_shard_mib: float = DEFAULT_MAX_SHARD_MIB, allow_nonfinite: bool = False) -> pathlib.Path:
+    """Our checkpoint dir (converted dir or MODEL_DIR) -> HF dir (safetensors shards + config.json), atomically.
+
+    Non-finite (NaN/Inf) parameters are refused unless `allow_nonfinite`."""
+    from gqa_uptrain.checkpoint import atomic_directory, check_disjoint, checked_finite, open_params
     out = pathlib.Path(output)
+    check_disjoint(checkpoint, out, "--checkpoint", "--output")  # --overwrite must never delete the source
     if out.exists() and not overwrite:  # fail before the (slow) load
         raise FileExistsError(f"output {out.absolute()} already exists (pass --overwrite to replace it)")
+    if not (max_shard_mib > 0):
+        raise ValueError(f"--max-shard-mib must be > 0, got {max_shard_mib}")
     loaded = open_params(checkpoint, step)  # lazy: read, convert and write one tensor at a time
     config = loaded.config
+    params = checked_finite(loaded.params, str(checkpoint), allow_nonfinite)
     progress = None
     if show_progress:
         from tqdm import tqdm
         progress = lambda it: tqdm(it, total=len(hf.name_map(config)) + 1, desc="export", unit="tensor")  # noqa: E731
     with atomic_directory(out, overwrite) as tmp:
-        write_safetensors(tmp / "model.safetensors", hf_specs(config, expand_kv),
-                          hf.iter_hf_tensors(loaded.params, config, expand_kv), progress=progress)
+        write_sharded_safetensors(tmp, hf_specs(config, expand_kv), hf.iter_hf_tensors(params, config, expand_kv),
+                                  int(max_shard_mib * 2 ** 20), progress=progress)
         conf = hf.hf_config_from_config(config, expand_kv)
         conf["gqa_uptrain"] = {"source": str(pathlib.Path(checkpoint).absolute()), "step": loaded.step,
                                "expand_kv": expand_kv}

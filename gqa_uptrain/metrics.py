@@ -97,3 +97,34 @@ def read_metrics(model_dir: str | os.PathLike, split: str | None = "train") -> l
             if split is None or rec.get("split") == split:
                 out.append(rec)
     return out
+
+
+def truncate_metrics(model_dir: str | os.PathLike, step: int) -> int:
+    """Drop records after `step` from MODEL_DIR/metrics.jsonl (and a torn last line); returns how many were dropped.
+
+    A resumed run repeats the steps after its checkpoint; without this their records would appear twice. Records
+    of `step` itself (its train and eval records) are kept. The file is replaced atomically."""
+    path = pathlib.Path(model_dir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            keep = int(rec["step"]) <= step
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        from gqa_uptrain.checkpoint import atomic_write_text
+        atomic_write_text(path, "".join(kept))
+    return dropped
+
+
+def has_record(model_dir: str | os.PathLike, step: int, split: str) -> bool:
+    return any(r.get("step") == step for r in read_metrics(model_dir, split))

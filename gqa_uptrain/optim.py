@@ -48,10 +48,34 @@ class OptimizerConfig:
         if self.schedule not in ("rsqrt", "constant", "linear_warmup_rsqrt"):
             raise ValueError(f"OptimizerConfig.schedule must be 'rsqrt', 'constant' or 'linear_warmup_rsqrt', "
                              f"got {self.schedule!r}")
-        if self.base_learning_rate <= 0:
-            raise ValueError(f"OptimizerConfig.base_learning_rate must be > 0, got {self.base_learning_rate}")
+        # Caught here, before any step: an absurd value (e.g. 1e39) diverges in one step and wastes the run.
+        check_range("LEARNING_RATE (OptimizerConfig.base_learning_rate)", self.base_learning_rate, 0, MAX_LEARNING_RATE,
+                     low_open=True)
+        check_range("OptimizerConfig.decay_rate", self.decay_rate, 0, 1, low_open=True)
+        check_range("OptimizerConfig.eps", self.eps, 0, 1)
+        if self.clipping_threshold is not None:
+            check_range("OptimizerConfig.clipping_threshold", self.clipping_threshold, 0, math.inf, low_open=True)
+        if self.momentum is not None:
+            check_range("OptimizerConfig.momentum", self.momentum, 0, 1)
+        if self.weight_decay_rate is not None:
+            check_range("OptimizerConfig.weight_decay_rate", self.weight_decay_rate, 0, 1)
         if self.warmup_steps < 0 or self.step_offset < 0:
             raise ValueError("OptimizerConfig.warmup_steps and step_offset must be >= 0")
+
+
+# The largest base learning rate accepted: T5's rsqrt recipe uses 1.0 (scaled by 1/sqrt(step)); values this far
+# above it only diverge.
+MAX_LEARNING_RATE = 1000.0
+
+
+def check_range(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
+    """ValueError naming the setting unless `value` is a finite number in [low, high] ((low, high] if low_open)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v > high or v < low or (low_open and v == low):
+        raise ValueError(f"{name} must be finite and in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:

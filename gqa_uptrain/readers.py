@@ -21,33 +21,18 @@ import json
 import os
 import pathlib
 import re
-import struct
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 from gqa_uptrain import hf as hf_names
-from gqa_uptrain.checkpoint import TensorSource
+from gqa_uptrain.checkpoint import TensorSource, resolve_inside
 from gqa_uptrain.config import ModelConfig
 
 FORMATS = ("auto", "hf", "t5x", "orbax")
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
-
-# safetensors dtype codes -> numpy (bf16 through ml_dtypes, which jax installs).
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
-              "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
-def _np_dtype(code: str, path: pathlib.Path, name: str) -> np.dtype:
-    if code == "BF16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    if code not in _ST_DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has unsupported safetensors dtype {code}")
-    return np.dtype(_ST_DTYPES[code])
-
 
 @dataclasses.dataclass
 class Source:
@@ -68,73 +53,61 @@ class Source:
 
 
 class SafetensorsFile(Mapping):
-    """Lazy read-only mapping over one .safetensors file; each lookup reads exactly one tensor from disk."""
+    """Lazy read-only mapping over one .safetensors file; each lookup reads exactly one tensor from disk.
+
+    Parsing and validation are the `safetensors` library's (header size, overlapping / out-of-range offsets, dtype
+    codes, `__metadata__` type); bfloat16 comes back as ml_dtypes.bfloat16 through framework="np"."""
 
     def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
         self.path = pathlib.Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n <= 0 or 8 + n > size:
-                raise ValueError(f"{self.path}: corrupt safetensors header (header length {n} but file has "
-                                 f"{size} bytes)")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self._data_start = 8 + n
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dtype = _np_dtype(e["dtype"], self.path, name)
-                shape = tuple(int(s) for s in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError) as err:
-                if isinstance(err, ValueError) and "unsupported" in str(err):
-                    raise
-                raise ValueError(f"{self.path}: corrupt safetensors header entry for {name!r}") from None
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if end - begin != nbytes or self._data_start + end > size:
-                raise ValueError(f"{self.path}: tensor {name!r} {shape} {e['dtype']} needs bytes [{begin}, {end}) "
-                                 f"of the data section, but the file is truncated or the header is corrupt "
-                                 f"({size} bytes)")
-            self._entries[name] = (dtype, shape, begin, end)
+        try:
+            self._file = safe_open(str(self.path), framework="np")
+            self.metadata = self._file.metadata() or {}
+            self._names = list(self._file.keys())
+            self._shapes = {n: tuple(self._file.get_slice(n).get_shape()) for n in self._names}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.path} not found") from None
+        except Exception as e:  # SafetensorError, and OSError for unreadable files
+            raise ValueError(f"{self.path}: not a valid safetensors file ({_first_line(e)})") from None
 
     def __getitem__(self, name: str) -> np.ndarray:
-        dtype, shape, begin, _ = self._entries[name]
-        count = int(np.prod(shape, dtype=np.int64))
-        arr = np.fromfile(self.path, dtype=dtype, count=count, offset=self._data_start + begin)
-        return arr.reshape(shape)
+        if name not in self._shapes:
+            raise KeyError(name)
+        try:
+            return self._file.get_tensor(name)
+        except Exception as e:
+            raise ValueError(f"{self.path}: cannot read tensor {name!r} ({_first_line(e)})") from None
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a tensor (along its first axis), reading only those bytes."""
-        dtype, shape, begin, _ = self._entries[name]
-        row = int(np.prod(shape[1:], dtype=np.int64))
-        arr = np.fromfile(self.path, dtype=dtype, count=(stop - start) * row,
-                          offset=self._data_start + begin + start * row * dtype.itemsize)
-        return arr.reshape((stop - start,) + shape[1:])
+        try:
+            return self._file.get_slice(name)[start:stop]
+        except Exception as e:
+            raise ValueError(f"{self.path}: cannot read rows {start}:{stop} of {name!r} ({_first_line(e)})") \
+                from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name][1]
+        return self._shapes[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._names)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class ShardedSafetensors(Mapping):
     """Lazy mapping over `model.safetensors.index.json` and its shards."""
 
-    def __init__(self, index_path: str | os.PathLike):
+    def __init__(self, index_path: str | os.PathLike, root: str | os.PathLike | None = None):
         self.index_path = pathlib.Path(index_path)
+        self.root = pathlib.Path(root) if root is not None else self.index_path.parent
         try:
             index = json.loads(self.index_path.read_text())
             weight_map = index["weight_map"]
@@ -150,7 +123,8 @@ class ShardedSafetensors(Mapping):
         self._where = dict(weight_map)
         self._shards: dict[str, SafetensorsFile] = {}
         for shard in sorted(set(self._where.values())):
-            path = self.index_path.parent / shard
+            # Shard names come from the index file: never let one point outside the checkpoint directory.
+            path = resolve_inside(self.root, shard, f"{self.index_path}: shard", base=self.index_path.parent)
             if not path.exists():
                 raise FileNotFoundError(f"{self.index_path}: shard {shard} not found")
             self._shards[shard] = SafetensorsFile(path)
@@ -191,6 +165,15 @@ def open_torch_bin(path: pathlib.Path) -> Mapping[str, Any]:
         raise ValueError(f"{path}: cannot load with torch.load(weights_only=True): {e}") from None
 
 
+def _hf_root(directory: pathlib.Path) -> pathlib.Path:
+    """The directory whose files an HF checkpoint may read: itself, or for a Hugging Face hub cache snapshot
+    (models--org--name/snapshots/<rev>/, whose files are symlinks into ../../blobs/) the cached repository."""
+    d = directory.absolute()
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+        return d.parent.parent
+    return d
+
+
 def open_hf(path: str | os.PathLike) -> tuple[Mapping[str, Any], dict[str, Any], list[pathlib.Path]]:
     """An HF model dir (or a .safetensors file with config.json beside it) -> (lazy tensors, config, files)."""
     path = pathlib.Path(path)
@@ -202,17 +185,18 @@ def open_hf(path: str | os.PathLike) -> tuple[Mapping[str, Any], dict[str, Any],
         hf_config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    root = _hf_root(directory)
     if path.is_file():
         if path.suffix == ".bin":
             return open_torch_bin(path), hf_config, [cfg_path, path]
         if path.name.endswith(".index.json"):
-            sharded = ShardedSafetensors(path)
+            sharded = ShardedSafetensors(path, root)
             return sharded, hf_config, [cfg_path, *sharded.files]
         return SafetensorsFile(path), hf_config, [cfg_path, path]
     if (directory / SAFETENSORS).exists():
         return SafetensorsFile(directory / SAFETENSORS), hf_config, [cfg_path, directory / SAFETENSORS]
     if (directory / SAFETENSORS_INDEX).exists():
-        sharded = ShardedSafetensors(directory / SAFETENSORS_INDEX)
+        sharded = ShardedSafetensors(directory / SAFETENSORS_INDEX, root)
         return sharded, hf_config, [cfg_path, *sharded.files]
     if (directory / TORCH_BIN).exists():
         return open_torch_bin(directory / TORCH_BIN), hf_config, [cfg_path, directory / TORCH_BIN]
@@ -279,8 +263,8 @@ class T5XTensors(Mapping):
         if "://" in str(rel):
             raise ValueError(f"T5X parameter {name!r} points at {rel}; only local tensorstore files are supported "
                              "(copy the checkpoint locally first)")
-        p = pathlib.Path(rel)
-        return p if p.is_absolute() else self._dir / p
+        # The spec comes from the checkpoint file: it may only name data inside the checkpoint directory.
+        return resolve_inside(self._dir, rel, f"T5X parameter {name!r}: tensorstore path")
 
     def shape(self, name: str) -> tuple[int, ...]:
         v = self._flat[name]
@@ -415,6 +399,8 @@ def read_t5x(path: str | os.PathLike, config: ModelConfig | None = None) -> Sour
         return arr
 
     files = [ckpt, *(f for d in tensors.ts_files for f in sorted(d.rglob("*")) if f.is_file())]
+    for f in files[1:]:  # a symlink inside a tensorstore directory must not lead the hashing outside either
+        resolve_inside(ckpt.parent, os.path.relpath(f, ckpt.parent), f"{ckpt}: tensorstore file")
     return Source(config, TensorSource(shapes, load), "t5x", str(ckpt), step, [str(f) for f in files])
 
 

@@ -51,7 +51,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gqa_uptrain import sharding as sharding_lib
 from gqa_uptrain.config import ModelConfig
 from gqa_uptrain.model import Transformer, abstract_params, check_remat_policy
-from gqa_uptrain.optim import OptimizerConfig, learning_rate_schedule, make_optimizer, opt_state_shardings
+from gqa_uptrain.optim import (OptimizerConfig, check_range, learning_rate_schedule, make_optimizer,
+                               opt_state_shardings)
 
 NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -125,9 +126,13 @@ class TrainConfig:
         if self.train_steps is None and self.uptrain_fraction is None:
             raise ValueError("set TRAIN_STEPS, or UPTRAIN_FRACTION (with ORIGINAL_STEPS or an INITIAL_CHECKPOINT "
                              "that records its pre-training step)")
-        if self.uptrain_fraction is not None and not 0 <= self.uptrain_fraction:
-            raise ValueError(f"TrainConfig.uptrain_fraction must be >= 0, got {self.uptrain_fraction}")
+        if self.uptrain_fraction is not None:
+            check_range("UPTRAIN_FRACTION (TrainConfig.uptrain_fraction)", self.uptrain_fraction, 0, 1e6)
+        check_range("Z_LOSS (TrainConfig.z_loss)", self.z_loss, 0, 1e6)
         lnf = self.loss_normalizing_factor
+        if lnf is not None and not isinstance(lnf, str):
+            check_range("LOSS_NORMALIZING_FACTOR (TrainConfig.loss_normalizing_factor)", lnf, 0, math.inf,
+                         low_open=True)
         if isinstance(lnf, str) and lnf != NUM_REAL_TARGET_TOKENS:
             raise ValueError(f"TrainConfig.loss_normalizing_factor must be a number, None or "
                              f"{NUM_REAL_TARGET_TOKENS!r}, got {lnf!r}")
@@ -503,7 +508,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
 
     from gqa_uptrain import checkpoint as ckpt_lib
     from gqa_uptrain import dataset_checkpoint
-    from gqa_uptrain.metrics import MetricWriter
+    from gqa_uptrain import recovery
+    from gqa_uptrain.metrics import MetricWriter, has_record, truncate_metrics
 
     model_dir = pathlib.Path(cfg.model_dir).absolute()
     primary = jax.process_index() == 0
@@ -531,10 +537,20 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
     param_sh = sharding_lib.param_shardings(boxed, mesh, rules)
     param_shapes = nn.meta.unbox(boxed)
 
+    if cfg.initial_checkpoint:
+        ckpt_lib.check_disjoint(cfg.initial_checkpoint, model_dir, "INITIAL_CHECKPOINT", "MODEL_DIR")
     mngr = _checkpoint_manager(model_dir, cfg)
-    latest = mngr.latest_step()
+    # Newest checkpoint that restores; damaged ones are moved aside (gqa_uptrain/recovery.py). The optimiser
+    # state's tree does not depend on the schedule offset read from `data`, so cfg.optimizer gives its shapes.
+    probe_abstract, probe_sh = opt_state_shardings(make_optimizer(cfg.optimizer), param_sh, param_shapes, mesh,
+                                                   cfg.optimizer.min_dim_size_to_factor)
+    latest, restored = recovery.restore_newest_good(mngr, model_dir, lambda s: mngr.restore(s, args=ocp.args.Composite(
+        data=ocp.args.JsonRestore(), params=ocp.args.StandardRestore(_with_shardings(param_shapes, param_sh)),
+        opt_state=ocp.args.StandardRestore(_with_shardings(probe_abstract, probe_sh)))), primary)
     if latest is not None:
-        data_state = mngr.restore(latest, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        data_state = restored["data"]
+        if primary:  # the steps after the checkpoint are run again: drop their records
+            truncate_metrics(model_dir, latest)
         train_steps, original_steps = int(data_state["train_steps"]), data_state.get("original_steps")
         if cfg.train_steps is not None and cfg.train_steps != train_steps:
             train_steps = int(cfg.train_steps)  # allow extending a finished run with a larger TRAIN_STEPS
@@ -568,9 +584,6 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
     resumed_from = data_resume = None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if latest is not None:
-            restored = mngr.restore(latest, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_with_shardings(param_shapes, param_sh)),
-                opt_state=ocp.args.StandardRestore(_with_shardings(opt_abstract, opt_sh))))
             params, opt_state = restored["params"], restored["opt_state"]
             resumed_from = start_step
             if data_skip_reason is None:
@@ -625,7 +638,18 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                     ITERATOR_STATE: _iterator_state_key(cfg, jax.process_count()) if cfg.checkpoint_dataset
                     else None}
 
+        def ensure_finite(step: int) -> None:
+            # On device, before anything is written: a checkpoint never holds NaN/Inf, so the last saved step
+            # really is the last good one.
+            if not bool(recovery.all_finite(params, opt_state)):
+                mngr.wait_until_finished()
+                raise NonFiniteLossError(
+                    f"non-finite parameters or optimizer state after step {step}; not saved. Last good checkpoint: "
+                    f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in "
+                    f"{model_dir / ckpt_lib.TRAIN_CHECKPOINTS_DIR}. Lower the learning rate or check the data.")
+
         def save(step: int) -> None:
+            ensure_finite(step)
             items = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state),
                      "data": ocp.args.JsonSave(data_state(step))}
             if cfg.checkpoint_dataset:
@@ -663,6 +687,11 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                    dynamic_ncols=True)
         last_saved = latest
         t_last, steps_since = time.perf_counter(), 0
+        if (resumed_from is not None and eval_arrays and step and (step % cfg.eval_every == 0 or step == train_steps)
+                and jax.process_count() == 1 and not has_record(model_dir, step, "eval")):
+            # The run that saved this step was stopped before its evaluation was written. (Single process only:
+            # every process must agree to run the collective eval, and only process 0 reads metrics.jsonl.)
+            eval_history.append({"step": step, **run_eval(step)})
         try:
             while step < train_steps:
                 local = next(batches)
@@ -699,6 +728,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                 if eval_arrays and (step % cfg.eval_every == 0 or step == train_steps):
                     eval_history.append({"step": step, **run_eval(step)})
                     if best_mngr is not None:
+                        ensure_finite(step)
                         best_mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
                                        metrics={"loss": eval_history[-1]["loss"]}, force=True)
             if last_saved != step:

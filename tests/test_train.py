@@ -301,7 +301,7 @@ def test_keep_best_keeps_the_lowest_eval_loss_parameters(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     import orbax.checkpoint as ocp
     cfg = _tc(tmp_path / "nan", train_steps=6, save_every=1, eval_every=0,
-              optimizer=OptimizerConfig(schedule="constant", base_learning_rate=1e30))
+              optimizer=OptimizerConfig(schedule="constant", base_learning_rate=1000.0, clipping_threshold=None))
     with pytest.raises(train_lib.NonFiniteLossError, match=r"non-finite loss.*Last good checkpoint: step \d"):
         train_lib.train(DATA_MODEL, cfg)
     with ocp.CheckpointManager(tmp_path / "nan" / "checkpoints") as mngr:

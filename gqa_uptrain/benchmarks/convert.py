@@ -55,7 +55,7 @@ def write_random_hf(directory: pathlib.Path, size: str, seed: int = 0) -> tuple[
 
     from gqa_uptrain import hf
     from gqa_uptrain.config import ModelConfig
-    from gqa_uptrain.export import hf_specs, write_safetensors
+    from gqa_uptrain.export import hf_specs, write_sharded_safetensors
     d, h, hd, ff, n = SIZES[size]
     cfg = ModelConfig(vocab_size=32128, d_model=d, num_heads=h, head_dim=hd, d_ff=ff, num_encoder_layers=n,
                       num_decoder_layers=n)
@@ -67,7 +67,7 @@ def write_random_hf(directory: pathlib.Path, size: str, seed: int = 0) -> tuple[
             yield name, (rng.standard_normal(shape, dtype=np.float32) * 0.05).astype(dtype)
 
     directory.mkdir(parents=True, exist_ok=True)
-    write_safetensors(directory / "model.safetensors", specs, tensors())
+    write_sharded_safetensors(directory, specs, tensors(), max_shard_bytes=1 << 40)  # one model.safetensors
     conf = hf.hf_config_from_config(cfg)
     (directory / "config.json").write_text(json.dumps(conf))
     sizes = [int(np.prod(s)) * np.dtype(t).itemsize for _, s, t in specs]

@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation examples for --compare (default 64)")
     from gqa_uptrain.cli.common import add_progress_argument
     add_progress_argument(parser)
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="convert even if source tensors hold NaN/Inf (reported either way; refused by default)")
     # T5X checkpoints carry no config: --gin_file gives the architecture instead of inferring it from shapes.
     add_gin_arguments(parser)
 
@@ -247,6 +249,9 @@ def run(args: argparse.Namespace) -> int:
     source_path = pathlib.Path(args.source)
     if not source_path.exists():
         raise FileNotFoundError(f"source {source_path} does not exist")
+    if out is not None:
+        from gqa_uptrain.checkpoint import check_disjoint
+        check_disjoint(source_path, out, "--source", "--output")
 
     gin_config = None
     if args.gin_file:
@@ -259,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
     needs_calib = args.method in convert.DATA_METHODS or (args.compare and set(methods) & set(convert.DATA_METHODS))
     # Calibration and --compare run the source model, so they need it in memory once; the data-free methods
     # (mean, first, random) stream: read, convert and write one tensor (one attention module) at a time.
-    tensors = src.tensors
+    from gqa_uptrain.checkpoint import checked_finite
+    tensors = checked_finite(src.tensors, str(src.path), args.allow_nonfinite)
     if needs_calib or args.compare:
         tensors = src.load_all(None if args.no_progress else _tqdm("read", "tensor"))
     calibration, calib_desc = None, None

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from gqa_uptrain.hostmem import retain_freed_memory
     retain_freed_memory()  # before XLA's threads start: no page faults on each call's temp buffers
     from gqa_uptrain import evaluate
-    from gqa_uptrain.checkpoint import atomic_write_text, load_params
+    from gqa_uptrain.checkpoint import atomic_write_text, check_tree_finite, load_params
     from gqa_uptrain.cli.infer_cmd import make_generator, vocabulary
 
     s = _settings(args)
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     span = s["task"] == "gqa_span_corruption"
     metrics = evaluate.parse_metric_names(s["metrics"] or ("loss" if span else "loss,rouge,bleu,em_f1"))
     ckpt = load_params(s["checkpoint"], args.step)
+    check_tree_finite(ckpt.params, s["checkpoint"], args.allow_nonfinite)
     vocab = vocabulary(args)
     examples = _examples(s, vocab)
     gen, batch_size = make_generator(args, ckpt.config, ckpt.params, vocab,

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "Export a checkpoint to Hugging Face T5 (model.safetensors + config.json)"
+HELP = "Export a checkpoint to Hugging Face T5 (safetensors + config.json)"
 DESCRIPTION = """Export a gqa_uptrain checkpoint (converted dir or training MODEL_DIR) to a Hugging Face T5 directory:
-model.safetensors (HF T5 names, [out, in] linear weights, relative_attention_bias in block 0 only, explicit untied
+model.safetensors, or shards + model.safetensors.index.json above --max-shard-mib (HF T5 names, [out, in] linear weights, relative_attention_bias in block 0 only, explicit untied
 lm_head.weight) and config.json (feed_forward_proj=gated-gelu, tie_word_embeddings=false).
 
 MHA models (G = num_heads) load in transformers' T5ForConditionalGeneration and reproduce our logits.
@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="repeat GQA K/V heads to num_heads so stock HF T5 loads the model")
     from gqa_uptrain.cli.common import add_progress_argument
     add_progress_argument(parser)
+    parser.add_argument("--max-shard-mib", type=float, default=None, metavar="MIB",
+                        help="largest safetensors shard in MiB (default 1024); bounds export memory; more than one "
+                             "shard is written as HF's model-0000i-of-0000n.safetensors + model.safetensors.index.json")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="export even if parameters hold NaN/Inf (reported either way; refused by default)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown export --format {args.format!r}; only 'hf' is supported")
     from gqa_uptrain.export import export_hf
     out = export_hf(args.checkpoint, args.output, overwrite=args.overwrite, expand_kv=args.expand_kv,
-                    step=args.step, show_progress=not args.no_progress)
+                    step=args.step, show_progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite,
+                    **({"max_shard_mib": args.max_shard_mib} if args.max_shard_mib is not None else {}))
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -40,6 +40,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--step", type=int, default=None, help="checkpoint step of a training run (default latest)")
     from gqa_uptrain.cli.common import add_progress_argument
     add_progress_argument(g, "--quiet", dest="quiet")
+    g.add_argument("--allow_nonfinite", action="store_true",
+                   help="use the checkpoint even if parameters hold NaN/Inf (reported either way; refused by default)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +130,7 @@ def _read_inputs(path: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gqa_uptrain.checkpoint import atomic_write_text, load_params
+    from gqa_uptrain.checkpoint import atomic_write_text, check_tree_finite, load_params
     from gqa_uptrain.hostmem import retain_freed_memory
     retain_freed_memory()  # before XLA's threads start: no page faults on each call's temp buffers
 
@@ -137,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, args.overwrite)
     texts = _read_inputs(args.input)
     ckpt = load_params(args.checkpoint, args.step)
+    check_tree_finite(ckpt.params, args.checkpoint, args.allow_nonfinite)
     gen, batch_size = make_generator(args, ckpt.config, ckpt.params, vocabulary(args))
     outputs = generate_all(gen, texts, batch_size, args.quiet)
     records = "".join(json.dumps({"input": t, "output": o}, ensure_ascii=False) + "\n"
