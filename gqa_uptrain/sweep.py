@@ -168,8 +168,15 @@ def _source_info(path: str) -> tuple[int, int | None]:
     return cfg.num_heads, (int(step) if step is not None else None)
 
 
+def sweep_jobs(cfg: SweepConfig, root: pathlib.Path, runs: Sequence[Run], original_steps: int | None
+               ) -> list[tuple[str, list[Stage]]]:
+    """The sweep's independent chains of stages: one decode benchmark per G, then one chain per run."""
+    jobs: list[tuple[str, list[Stage]]] = [(f"bench-kv{g}", [bench_stage(cfg, root, g)]) for g in cfg.num_kv_heads]
+    return jobs + [(r.run_id, run_stages(cfg, root, r, original_steps)) for r in runs]
+
+
 def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_run: bool = False,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, launcher: str = "local") -> list[dict[str, Any]]:
     root = pathlib.Path(root).absolute()
     num_heads, meta_steps = _source_info(cfg.source_checkpoint)
     if cfg.num_heads is not None and cfg.num_heads != num_heads:
@@ -187,10 +194,15 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
             raise ValueError(f"{root} holds a different sweep (see {spec_path}); use another directory")
     else:
         spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    jobs = sweep_jobs(cfg, root, runs, original_steps)
+    if launcher == "slurm":
+        log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads)} decode benchmarks, as SLURM jobs")
+        submit_slurm(root, jobs, dry_run=dry_run, log=log)
+        return []
+    if launcher != "local":
+        raise ValueError(f"unknown launcher {launcher!r}: expected local or slurm")
     log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads)} decode benchmarks, {parallel} at a time")
     env = dict(os.environ)
-    jobs: list[tuple[str, list[Stage]]] = [(f"bench-kv{g}", [bench_stage(cfg, root, g)]) for g in cfg.num_kv_heads]
-    jobs += [(r.run_id, run_stages(cfg, root, r, original_steps)) for r in runs]
     if dry_run:
         for name, stages in jobs:
             for s in stages:
@@ -222,6 +234,64 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
         raise RuntimeError(f"{len(failures)} of {len(jobs)} jobs failed (completed ones are kept; re-run to "
                            f"retry):\n  " + "\n  ".join(failures))
     return rows
+
+
+# ------------------------------------------------------------------------------------------- SLURM launcher
+# Each chain (a run's convert -> train -> eval -> downstream, or one benchmark) becomes SLURM jobs chained with
+# afterok; the job scripts, job ids and logs sit next to the stage logs (gqa_uptrain/launch.py).
+
+
+def jobs_of(root: str | os.PathLike) -> list[tuple[str, list[Stage]]]:
+    """The chains of an existing sweep directory, from its sweep.json."""
+    root = pathlib.Path(root).absolute()
+    spec_path = root / "sweep.json"
+    if not spec_path.exists():
+        raise FileNotFoundError(f"{spec_path} not found: not a sweep directory")
+    spec = json.loads(spec_path.read_text())
+    cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
+    return sweep_jobs(cfg, root, expand_grid(cfg, spec["num_heads"]), spec["original_steps"])
+
+
+def slurm_chains(jobs: Sequence[tuple[str, list[Stage]]]):
+    from gqa_uptrain import launch
+    return [[launch.JobSpec(f"{name}/{s.name}", s.name, tuple(s.argv), s.done, s.log,
+                            launch.resources_for(s.name)) for s in stages] for name, stages in jobs]
+
+
+def submit_slurm(root: pathlib.Path, jobs: Sequence[tuple[str, list[Stage]]], dry_run: bool = False,
+                 log: Callable[[str], None] = print) -> list[str]:
+    """Submit every stage that is not done, queued or running; then a job that aggregates after the last one.
+    Returns the ids of the sweep's queued/running jobs."""
+    from gqa_uptrain import launch
+    chains = slurm_chains(jobs)
+    states = launch.job_states(launch.recorded_ids(chains))
+    workdir = os.getcwd()
+    statuses = [st for c in chains for st in launch.submit_chain(c, states, workdir, log=log, dry_run=dry_run)]
+    active = [s.job_id for s in statuses if s.active and s.job_id]
+    if dry_run:
+        return []
+    if active:
+        jid = launch.submit_aggregation(root / "aggregate.sbatch", [*_cli(), "sweep", "--root", str(root),
+                                                                    "--aggregate_only"], active, workdir)
+        log(f"{len(active)} jobs queued or running; aggregation job {jid} runs after them "
+            f"(follow with: gqa-uptrain sweep --root {root} --status)")
+    else:
+        aggregate(root)
+        log(f"nothing to submit: every stage is done. results: {root}/results.md")
+    return active
+
+
+def slurm_status(root: str | os.PathLike):
+    from gqa_uptrain import launch
+    return launch.chain_status(slurm_chains(jobs_of(root)))
+
+
+def slurm_wait(root: str | os.PathLike, poll_s: float = 30.0, log: Callable[[str], None] = print):
+    """Wait until no stage is queued or running, then aggregate what finished."""
+    from gqa_uptrain import launch
+    statuses = launch.wait(slurm_chains(jobs_of(root)), poll_s=poll_s, log=log)
+    aggregate(root)
+    return statuses
 
 
 # ---------------------------------------------------------------------------------------------- aggregation

@@ -48,6 +48,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gqa_uptrain import preemption
 from gqa_uptrain import sharding as sharding_lib
 from gqa_uptrain.config import ModelConfig
 from gqa_uptrain.model import Transformer, abstract_params, check_remat_policy
@@ -731,6 +732,12 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                         ensure_finite(step)
                         best_mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
                                        metrics={"loss": eval_history[-1]["loss"]}, force=True)
+                # SIGTERM / SIGUSR1 (preemption, time limit): checkpoint now and stop; a re-run resumes here.
+                if step < train_steps and (signum := preemption.stop_requested()) is not None:
+                    if last_saved != step:
+                        save(step)
+                    mngr.wait_until_finished()
+                    raise preemption.Preempted(step, signum)
             if last_saved != step:
                 save(step)
             mngr.wait_until_finished()

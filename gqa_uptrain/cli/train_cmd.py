@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from contextlib import nullcontext
 
 HELP = "Uptrain / pre-train / fine-tune with span corruption or a seq2seq task (gin run configs)"
@@ -51,15 +52,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU only: expose N CPU devices in this process (for testing meshes without accelerators)")
     from gqa_uptrain.cli.common import add_progress_argument
     add_progress_argument(parser)
+    from gqa_uptrain.launch import add_launcher_argument
+    add_launcher_argument(parser, "MODEL_DIR/train.sbatch; resources from train/SlurmResources.* in gin")
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-                           cpu_devices: int | None = None) -> None:
+                           cpu_devices: int | None = None, auto: bool = False) -> None:
     """Set up jax before first use: CPU device count, CPU collectives (gloo) and jax.distributed."""
     import jax
     if cpu_devices:
         jax.config.update("jax_num_cpu_devices", int(cpu_devices))
-    if coordinator_address or num_processes:
+    # auto: the cluster environment (SLURM, TPU pods, ...) tells jax.distributed everything.
+    if coordinator_address or num_processes or auto:
         if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu"):
             # Cross-process collectives on CPU need an explicit implementation.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -138,9 +142,14 @@ def resolve_model_config(tcfg):
 def run(args: argparse.Namespace) -> int:
     from gqa_uptrain.hostmem import retain_freed_memory
     retain_freed_memory()  # before XLA starts its threads: no per-step page faults on the step's temp buffer
-    if args.coordinator_address or args.distributed or args.cpu_devices:
-        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.cpu_devices)
+    from gqa_uptrain import launch, preemption
+    auto = args.distributed or (args.launcher == "local" and not args.coordinator_address
+                                and launch.slurm_task_count() > 1)
+    if args.coordinator_address or auto or args.cpu_devices:
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, args.cpu_devices,
+                               auto=auto)
     register_gin()
+    launch.register_gin()  # a run may share gin files with its SLURM resources (train/SlurmResources.*)
     from gqa_uptrain.cli.common import load_gin
     if not args.gin_file:
         raise ValueError("train needs a run file (and a model file when starting from scratch), e.g. "
@@ -152,13 +161,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(str(e).splitlines()[0]) from None
     mcfg = resolve_model_config(tcfg)
 
+    if args.launcher == "slurm":
+        launch.submit_train(args, tcfg.model_dir)
+        return 0
+
     import jax
 
     from gqa_uptrain.train import train
     from gqa_uptrain.cli.outputs import created_paths_removed_on_failure
     cleanup = created_paths_removed_on_failure(tcfg.model_dir) if jax.process_index() == 0 else nullcontext()
-    with cleanup:
-        result = train(mcfg, tcfg)
+    preemption.install()
+    try:
+        with cleanup:
+            result = train(mcfg, tcfg)
+    except preemption.Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        return preemption.PREEMPTED_EXIT_CODE
     if jax.process_index() == 0:
         last = result.metrics[-1] if result.metrics else {}
         ev = result.eval_metrics[-1] if result.eval_metrics else {}
