@@ -151,7 +151,7 @@ def test_describe_run_names_alpha_derivation(tmp_path):
     cfg = TrainConfig(model_dir=str(tmp_path), uptrain_fraction=0.05, initial_checkpoint="/ckpt/gqa8",
                       batch_size=8)
     line = describe_run(cfg, 50, 1000, {"data": 1, "fsdp": 1, "model": 1}, None, tmp_path)
-    assert "50 steps (α=0.05 x 1000 original steps (the source checkpoint's recorded step))" in line
+    assert "50 steps (α=0.05 x 1000 original steps, from the source checkpoint's recorded step)" in line
     assert "fresh from /ckpt/gqa8" in line
     assert "resuming from step 7" in describe_run(cfg, 50, 1000, {"data": 1}, 7, tmp_path)
 
