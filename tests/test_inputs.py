@@ -320,11 +320,14 @@ def test_damaged_checkpoint_is_one_line(capfd, tmp_path, tiny_ckpt, how, expect)
     ck = _damaged(tiny_ckpt, tmp_path / "ck", how)
     src = tmp_path / "in.txt"
     src.write_text("hello\n")
-    rc = main(["infer", "--checkpoint", str(ck), "--input", str(src), "--max_decode_length", "2", "--no-progress"])
-    err = capfd.readouterr().err
-    lines = err.strip().splitlines()
-    assert rc == 1 and len(lines) == 1, err[:3000]
-    assert expect in lines[0] and str(ck) in lines[0], lines[0]
+    for argv in (["infer", "--checkpoint", ck, "--input", src, "--max_decode_length", "2", "--no-progress"],
+                 ["export", "--checkpoint", ck, "--output", tmp_path / "hf", "--no-progress"]):
+        rc = main([str(a) for a in argv])
+        err = capfd.readouterr().err
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1, (argv[0], err[:3000])
+        assert expect in lines[0] and str(ck) in lines[0], lines[0]
+    assert not (tmp_path / "hf").exists()
 
 
 def test_os_errors_name_the_file():
