@@ -111,10 +111,13 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     path = pathlib.Path(directory) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a gqa_uptrain checkpoint directory")
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object of ModelConfig fields, got {type(d).__name__}")
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return ModelConfig.from_dict(d)
+    except (ValueError, TypeError) as e:  # ConfigError names the field and value; add the file
+        raise ValueError(f"{path}: {e}") from None
 
 
 class ParamsWriter:

@@ -306,6 +306,11 @@ def _damaged(src, dst, how):
         (dst / "manifest.json").write_text('{"step": ')
     elif how == "config":
         (dst / "config.json").write_text('{"d_model": ')
+    elif how == "config_value":
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "d_model": "16"}))
+    elif how == "config_list":
+        (dst / "config.json").write_text("[16]")
     return dst
 
 
@@ -315,6 +320,8 @@ def _damaged(src, dst, how):
     ("shape", "is stored with shape (16, 16) but config.json implies (16, 32)"),
     ("manifest", "manifest.json is not valid JSON"),
     ("config", "config.json is not valid JSON"),
+    ("config_value", "config.json: ModelConfig.d_model must be a positive integer, got '16'"),
+    ("config_list", "config.json: expected a JSON object of ModelConfig fields, got list"),
 ])
 def test_damaged_checkpoint_is_one_line(capfd, tmp_path, tiny_ckpt, how, expect):
     ck = _damaged(tiny_ckpt, tmp_path / "ck", how)
