@@ -194,10 +194,13 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     path = pathlib.Path(directory) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a gqa_uptrain checkpoint directory")
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object of ModelConfig fields, got {type(d).__name__}")
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return ModelConfig.from_dict(d)
+    except (ValueError, TypeError) as e:  # ConfigError names the field and value; add the file
+        raise ValueError(f"{path}: {e}") from None
 
 
 class ParamsWriter:
@@ -386,7 +389,7 @@ def load_params(directory: str | os.PathLike, step: int | None = None) -> Loaded
         try:
             params = ckptr.restore(pytree_dir, _restore_args(config).item)
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types; translated, not swallowed
-            raise restore_error(e, pytree_dir, config) from e
+            raise restore_error(e, pytree_dir, expected_shapes(config)) from e
     return LoadedCheckpoint(config, params, metadata, step)
 
 
@@ -420,7 +423,8 @@ def read_json(path: pathlib.Path) -> Any:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def restore_error(e: BaseException, pytree_dir: pathlib.Path, config: ModelConfig) -> ValueError:
+def restore_error(e: BaseException, pytree_dir: pathlib.Path, expected: Mapping[str, tuple[int, ...]]
+                  ) -> ValueError:
     """One line for an orbax restore that failed: the tensor whose shape differs from config.json, or the damaged
     data file, instead of a TensorStore spec dump. The original stays chained for GQA_UPTRAIN_DEBUG=1."""
     import re
@@ -434,7 +438,6 @@ def restore_error(e: BaseException, pytree_dir: pathlib.Path, config: ModelConfi
             import orbax.checkpoint as ocp
             with ocp.PyTreeCheckpointer() as ckptr:
                 stored = flat_params(ckptr.metadata(pytree_dir).item_metadata.tree)
-            expected = expected_shapes(config)
             for name in sorted(expected):
                 shape = tuple(getattr(stored.get(name), "shape", expected[name]))
                 if shape != tuple(expected[name]):
@@ -490,8 +493,12 @@ def _partial_restore_loader(pytree_dir: pathlib.Path, shapes: Mapping[str, tuple
         item = traverse_util.unflatten_dict(
             {name: jax.ShapeDtypeStruct(shapes[name], np.float32, sharding=device)}, sep="/")
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
-        out = ckptr.restore(pytree_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                    partial_restore=True))
+        with _native_stderr_held():
+            try:
+                out = ckptr.restore(pytree_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                            partial_restore=True))
+            except Exception as e:  # noqa: BLE001 - translated to one line naming the tensor, original chained
+                raise restore_error(e, pytree_dir, {name: shapes[name]}) from e
         return np.asarray(traverse_util.flatten_dict(out, sep="/")[name])
     return load
 

@@ -452,7 +452,7 @@ def describe_run(cfg: TrainConfig, train_steps: int, original_steps: int | None,
         how = "TRAIN_STEPS"
     else:
         src = "ORIGINAL_STEPS" if cfg.original_steps else "the source checkpoint's recorded step"
-        how = f"α={cfg.uptrain_fraction:g} x {original_steps} original steps ({src})"
+        how = f"α={cfg.uptrain_fraction:g} x {original_steps} original steps, from {src}"
     start = (f"resuming from step {resumed_from}" if resumed_from is not None
              else f"fresh from {cfg.initial_checkpoint}" if cfg.initial_checkpoint else "fresh from random init")
     mesh = " ".join(f"{k}={v}" for k, v in mesh_shape.items())

@@ -151,7 +151,7 @@ def test_describe_run_names_alpha_derivation(tmp_path):
     cfg = TrainConfig(model_dir=str(tmp_path), uptrain_fraction=0.05, initial_checkpoint="/ckpt/gqa8",
                       batch_size=8)
     line = describe_run(cfg, 50, 1000, {"data": 1, "fsdp": 1, "model": 1}, None, tmp_path)
-    assert "50 steps (α=0.05 x 1000 original steps (the source checkpoint's recorded step))" in line
+    assert "50 steps (α=0.05 x 1000 original steps, from the source checkpoint's recorded step)" in line
     assert "fresh from /ckpt/gqa8" in line
     assert "resuming from step 7" in describe_run(cfg, 50, 1000, {"data": 1}, 7, tmp_path)
 
@@ -306,6 +306,11 @@ def _damaged(src, dst, how):
         (dst / "manifest.json").write_text('{"step": ')
     elif how == "config":
         (dst / "config.json").write_text('{"d_model": ')
+    elif how == "config_value":
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, "d_model": "16"}))
+    elif how == "config_list":
+        (dst / "config.json").write_text("[16]")
     return dst
 
 
@@ -315,16 +320,21 @@ def _damaged(src, dst, how):
     ("shape", "is stored with shape (16, 16) but config.json implies (16, 32)"),
     ("manifest", "manifest.json is not valid JSON"),
     ("config", "config.json is not valid JSON"),
+    ("config_value", "config.json: ModelConfig.d_model must be a positive integer, got '16'"),
+    ("config_list", "config.json: expected a JSON object of ModelConfig fields, got list"),
 ])
 def test_damaged_checkpoint_is_one_line(capfd, tmp_path, tiny_ckpt, how, expect):
     ck = _damaged(tiny_ckpt, tmp_path / "ck", how)
     src = tmp_path / "in.txt"
     src.write_text("hello\n")
-    rc = main(["infer", "--checkpoint", str(ck), "--input", str(src), "--max_decode_length", "2", "--no-progress"])
-    err = capfd.readouterr().err
-    lines = err.strip().splitlines()
-    assert rc == 1 and len(lines) == 1, err[:3000]
-    assert expect in lines[0] and str(ck) in lines[0], lines[0]
+    for argv in (["infer", "--checkpoint", ck, "--input", src, "--max_decode_length", "2", "--no-progress"],
+                 ["export", "--checkpoint", ck, "--output", tmp_path / "hf", "--no-progress"]):
+        rc = main([str(a) for a in argv])
+        err = capfd.readouterr().err
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1, (argv[0], err[:3000])
+        assert expect in lines[0] and str(ck) in lines[0], lines[0]
+    assert not (tmp_path / "hf").exists()
 
 
 def test_os_errors_name_the_file():

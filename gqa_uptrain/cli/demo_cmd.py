@@ -98,6 +98,7 @@ def write_report(out, models: dict[str, int], args, seconds: float) -> str:
     held-out losses. Decode times at this toy size are per-step overheads and machine noise (MQA can come out
     slowest), so they are left to `gqa-uptrain bench decode` at a realistic shape."""
     import json
+    import os
     import platform
 
     from gqa_uptrain.checkpoint import read_config
@@ -130,8 +131,8 @@ def write_report(out, models: dict[str, int], args, seconds: float) -> str:
     for s in samples:
         d = json.loads(s)
         lines.append(f"- `{d['input']}` -> `{d['output']}`")
-    cpu = platform.processor() or platform.machine()
-    lines += ["", f"Machine: {cpu}; demo wall time {seconds:.0f}s.",
+    lines += ["", f"Machine: {_cpu_model() or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+              f"demo wall time {seconds:.0f}s.",
               "One run, one seed: loss differences smaller than a few hundredths are noise at this scale (see "
               "`scripts/reproduce_paper.sh` for seeds and spreads).",
               "", "Decode speed is not measured here: at this toy size a decode step is dominated by fixed "
@@ -142,6 +143,14 @@ def write_report(out, models: dict[str, int], args, seconds: float) -> str:
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def _plot(path, rows: list[dict], alpha: float) -> None:
