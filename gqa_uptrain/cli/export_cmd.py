@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="repeat GQA K/V heads to num_heads so stock HF T5 loads the model")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-shard-mib", type=float, default=None, metavar="MIB",
-                        help="largest safetensors shard in MiB (default 1024); bounds export memory; more than one "
+                        help="largest safetensors shard in MiB (default 256); bounds export memory; more than one "
                              "shard is written as HF's model-0000i-of-0000n.safetensors + model.safetensors.index.json")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="export even if parameters hold NaN/Inf (reported either way; refused by default)")
