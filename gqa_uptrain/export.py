@@ -21,7 +21,7 @@ from gqa_uptrain.config import ModelConfig
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_MIB = 1024
+DEFAULT_MAX_SHARD_MIB = 256
 
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int) -> list[list[str]]:

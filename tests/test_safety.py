@@ -104,6 +104,10 @@ def test_convert_and_export_refuse_nonfinite_weights(tmp_path, tiny_config, para
                    tmp_path / "out", "--no-progress")
     assert rc == 1 and "'decoder/layers_0/mlp/wo/kernel' has 3 non-finite" in err and "--allow-nonfinite" in err
     assert not (tmp_path / "out").exists()
+    # Data-aware methods read the whole model first (load_all): checked too.
+    rc, err = _run(capsys, "convert", "--source", tmp_path / "conv", "--num-kv-heads", 2, "--output",
+                   tmp_path / "out", "--no-progress", "--method", "align", "--calibration", "random")
+    assert rc == 1 and "has 3 non-finite" in err and not (tmp_path / "out").exists(), err
     rc, err = _run(capsys, "export", "--checkpoint", tmp_path / "conv", "--output", tmp_path / "hf",
                    "--no-progress")
     assert rc == 1 and "has 3 non-finite" in err and not (tmp_path / "hf").exists(), err

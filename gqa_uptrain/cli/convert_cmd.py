@@ -265,7 +265,9 @@ def run(args: argparse.Namespace) -> int:
     # Calibration and --compare run the source model, so they need it in memory once; the data-free methods
     # (mean, first, random) stream: read, convert and write one tensor (one attention module) at a time.
     from gqa_uptrain.checkpoint import checked_finite
-    tensors = checked_finite(src.tensors, str(src.path), args.allow_nonfinite)
+    # Every read (streamed or load_all) goes through the NaN/Inf check.
+    src.tensors = checked_finite(src.tensors, str(src.path), args.allow_nonfinite)
+    tensors = src.tensors
     if needs_calib or args.compare:
         tensors = src.load_all(None if args.no_progress else _tqdm("read", "tensor"))
     calibration, calib_desc = None, None

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from gqa_uptrain.cli.common import add_progress_argument
     add_progress_argument(parser)
     parser.add_argument("--max-shard-mib", type=float, default=None, metavar="MIB",
-                        help="largest safetensors shard in MiB (default 1024); bounds export memory; more than one "
+                        help="largest safetensors shard in MiB (default 256); bounds export memory; more than one "
                              "shard is written as HF's model-0000i-of-0000n.safetensors + model.safetensors.index.json")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="export even if parameters hold NaN/Inf (reported either way; refused by default)")
