@@ -298,19 +298,34 @@ def scancel(job_id: str) -> None:
     _run(["scancel", job_id])
 
 
+def chain_statuses(jobs: Sequence[JobSpec], states: Mapping[str, tuple[str, str]]) -> list[StageStatus]:
+    """Each stage's status, with every unfinished stage after a failed or blocked one marked blocked: SLURM only
+    says DependencyNeverSatisfied for the direct dependant, the ones after it wait on a job that never runs."""
+    out: list[StageStatus] = []
+    for job in jobs:
+        st = stage_status(job, states)
+        prev = out[-1] if out else None
+        if prev is not None and prev.state in ("failed", "blocked") and st.state in ("queued", "blocked"):
+            st = StageStatus(job, "blocked", st.job_id, st.slurm_state, f"after {prev.state} {prev.job.stage}")
+        out.append(st)
+    return out
+
+
 def submit_chain(jobs: Sequence[JobSpec], states: Mapping[str, tuple[str, str]], workdir: str | os.PathLike,
                  log: Callable[[str], None] = print, dry_run: bool = False) -> list[StageStatus]:
     """Submit the stages of one run that are not done, queued or running, each after the one before it.
 
     A stage that failed, or is blocked behind a failed one, is submitted again (a blocked job is cancelled
-    first: it could never start). Returns each stage's status after submission."""
+    first: it could never start), and so is every stage after a resubmitted one, whose dependency must point at
+    the new job. Returns each stage's status after submission."""
     after: str | None = None  # the job the next stage must wait for
+    resubmitting = False
     out = []
-    for job in jobs:
-        st = stage_status(job, states)
+    for st in chain_statuses(jobs, states):
+        job = st.job
         if st.state == "done":
             after = None
-        elif st.active:
+        elif st.active and not resubmitting:
             after = st.job_id
         else:
             write_script(job, workdir)
@@ -318,8 +333,9 @@ def submit_chain(jobs: Sequence[JobSpec], states: Mapping[str, tuple[str, str]],
                 log(f"[{job.name}] would submit {job.script}" + (f" after job {after}" if after else ""))
                 out.append(st)
                 continue
-            if st.state == "blocked":
+            if st.job_id and st.state in ("blocked", "queued", "running"):
                 scancel(st.job_id)
+            resubmitting = True
             jid = sbatch(job.script, after_ok=[after] if after else [])
             record_job(job.job_file, jid, job.script)
             log(f"[{job.name}] submitted job {jid}" + (f" (after {after})" if after else "")
@@ -336,7 +352,7 @@ def recorded_ids(chains: Iterable[Sequence[JobSpec]]) -> list[str]:
 
 def chain_status(chains: Sequence[Sequence[JobSpec]]) -> list[StageStatus]:
     states = job_states(recorded_ids(chains))
-    return [stage_status(job, states) for c in chains for job in c]
+    return [st for c in chains for st in chain_statuses(c, states)]
 
 
 def format_status(statuses: Sequence[StageStatus]) -> str:

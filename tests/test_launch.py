@@ -118,26 +118,28 @@ def test_chain_submits_with_afterok_and_resubmits_nothing_queued_or_done(tmp_pat
 
 def test_failed_stage_is_resubmitted_and_its_blocked_dependants_replaced(tmp_path, monkeypatch):
     fake = _FakeSlurm(monkeypatch)
-    chain = [_job(tmp_path, s) for s in ("convert", "train", "eval")]
-    for j, jid in zip(chain, ("7", "8", "9")):
+    chain = [_job(tmp_path, s) for s in ("convert", "train", "eval", "downstream")]
+    for j, jid in zip(chain, ("7", "8", "9", "10")):
         launch.record_job(j.job_file, jid, j.script)
     chain[1].log.write_text("step 1\nValueError: boom\n")
     chain[0].done.write_text("x")
+    # SLURM marks only the direct dependant of the failed job; the one after it just waits ("Dependency").
     states = {"7": ("COMPLETED", "None"), "8": ("FAILED", "NonZeroExitCode"),
-              "9": ("PENDING", launch.BLOCKED_REASON)}
-    statuses = [launch.stage_status(j, states) for j in chain]
-    assert [s.state for s in statuses] == ["done", "failed", "blocked"]
+              "9": ("PENDING", launch.BLOCKED_REASON), "10": ("PENDING", "Dependency")}
+    statuses = launch.chain_statuses(chain, states)
+    assert [s.state for s in statuses] == ["done", "failed", "blocked", "blocked"]
     assert statuses[1].detail == f"see {chain[1].log}: ValueError: boom"
+    assert statuses[3].detail == "after blocked eval"
     text = launch.format_status(statuses)
-    assert f"run/train    failed         job 8 FAILED  see {chain[1].log}: ValueError: boom" in text
-    assert text.splitlines()[-1] == "1 blocked, 1 done, 1 failed"
+    assert f"run/train       failed         job 8 FAILED  see {chain[1].log}: ValueError: boom" in text
+    assert text.splitlines()[-1] == "2 blocked, 1 done, 1 failed"
     launch.submit_chain(chain, states, tmp_path, log=lambda m: None)
-    assert fake.submitted == [("train.sbatch", []), ("eval.sbatch", ["100"])]
-    assert fake.cancelled == ["9"]
+    assert fake.submitted == [("train.sbatch", []), ("eval.sbatch", ["100"]), ("downstream.sbatch", ["101"])]
+    assert fake.cancelled == ["9", "10"]
     assert '"previous": [\n  "8"\n ]' in chain[1].job_file.read_text()
     # A job SLURM forgot (no accounting) without its marker counts as failed, naming the log.
-    gone = launch.stage_status(chain[2], {})
-    assert gone.state == "failed" and "no longer known to SLURM" in gone.detail and str(chain[2].log) in gone.detail
+    gone = launch.stage_status(chain[3], {})
+    assert gone.state == "failed" and "no longer known to SLURM" in gone.detail and str(chain[3].log) in gone.detail
 
 
 def test_train_argv_replays_gin_files_and_bindings():
