@@ -31,7 +31,7 @@ EOS_ID = 1
 NEG_INF = -1.0e10
 
 __all__ = ["PAD_ID", "EOS_ID", "greedy_decode", "greedy_decode_from_encoded", "sample_decode", "beam_search", "BeamSearchOutput",
-           "filter_logits", "length_penalty", "prefill", "cache_bytes", "score_sequences", "token_scores",
+           "filter_logits", "length_penalty", "prefill", "cache_bytes", "score_sequences", "token_scores", "encode_and_prefill", "decode_step",
            "sequence_mask", "pad_batch", "Generator"]
 
 
@@ -60,6 +60,25 @@ def _step(model: Transformer, params: Any, cache: Any, encoded: Array, encoder_i
     logits, state = model.apply({"params": params, "cache": cache}, encoded, encoder_input_tokens,
                                 tokens[:, None], decode=True, method=model.decode, mutable=["cache"])
     return logits[:, 0], state["cache"]
+
+
+def encode_and_prefill(config: ModelConfig, max_decode_length: int):
+    """(params, encoder_input_tokens) -> (encoded, logits for output position 0, cache): what a decode loop runs
+    before its first step (ahead-of-time compiled by gqa_uptrain/aot.py)."""
+    model = Transformer(config)
+
+    def fn(params: Any, encoder_input_tokens: Array) -> tuple[Array, Array, Any]:
+        encoded = _encode(model, params, encoder_input_tokens)
+        logits, cache = _prefill(model, params, encoded, encoder_input_tokens, max_decode_length)
+        return encoded, logits, cache
+    return fn
+
+
+def decode_step(config: ModelConfig):
+    """(params, cache, encoded, encoder_input_tokens, tokens [batch]) -> (logits [batch, vocab], cache): the body
+    of every decode loop here (greedy, sampling, beam search), and what gqa_uptrain/aot.py compiles."""
+    model = Transformer(config)
+    return functools.partial(_step, model)
 
 
 def prefill(config: ModelConfig, params: Any, encoder_input_tokens: Array,
@@ -181,7 +200,7 @@ def _loop(params: Any, encoded: Array, encoder_input_tokens: Array, rng: Array, 
     def body(state):
         i, tokens, finished, cache, all_logits, key = state
         prev = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=False)
-        logits, cache = _step(model, params, cache, encoded, enc, prev)
+        logits, cache = decode_step(config)(params, cache, encoded, enc, prev)
         tokens, finished, all_logits, key = select(i, logits, tokens, finished, all_logits, key)
         return i + 1, tokens, finished, cache, all_logits, key
 
@@ -330,7 +349,7 @@ def _beam_search(params: Any, encoder_input_tokens: Array, alpha: Array, eos: Ar
         i, st = state
         alive_seqs, cache = st[0], st[5]
         prev = jax.lax.dynamic_index_in_dim(alive_seqs, i - 1, axis=2, keepdims=False).reshape(-1)
-        logits, cache = _step(model, params, cache, encoded, enc, prev)
+        logits, cache = decode_step(config)(params, cache, encoded, enc, prev)
         return i + 1, select(i, logits, st[:5] + (cache,))
 
     _, st = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), st))

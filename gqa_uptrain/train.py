@@ -381,6 +381,30 @@ def make_train_step(model_config: ModelConfig, cfg: TrainConfig, optimizer: opta
     return step_fn
 
 
+def batch_shardings(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[NamedSharding, NamedSharding]:
+    """(sharding of a [batch_size, length] batch array, replicated sharding) for this mesh; checks that the
+    batch splits evenly over data*fsdp and the microbatches."""
+    mesh_shape = dict(mesh.shape)
+    n_batch_shards = math.prod(mesh_shape.get(a, 1) for a in BATCH_AXES)
+    if cfg.batch_size % (n_batch_shards * cfg.num_microbatches):
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by data*fsdp={n_batch_shards} times "
+                         f"num_microbatches={cfg.num_microbatches}")
+    return (NamedSharding(mesh, PartitionSpec(sharding_lib.batch_mesh_axes(mesh_shape))),
+            NamedSharding(mesh, PartitionSpec()))
+
+
+def jit_train_step(model_config: ModelConfig, cfg: TrainConfig, optimizer: optax.GradientTransformation,
+                   schedule: Callable[[jax.Array], jax.Array], mesh: jax.sharding.Mesh, param_sh: Any,
+                   opt_sh: Any) -> Callable:
+    """The jitted training step `train` runs, with its shardings and donation. One definition shared with
+    ahead-of-time compilation (gqa_uptrain/aot.py), so what is compiled for a TPU topology is what trains.
+    Trace it (call or .lower) inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(DEFAULT_RULES)`."""
+    batch_sharding, replicated = batch_shardings(cfg, mesh)
+    step_fn = make_train_step(model_config, cfg, optimizer, schedule, sharding_lib.batch_mesh_axes(dict(mesh.shape)))
+    return jax.jit(step_fn, in_shardings=(param_sh, opt_sh, replicated, batch_sharding),
+                   out_shardings=(param_sh, opt_sh, replicated, replicated), donate_argnums=(0, 1))
+
+
 def make_eval_step(model_config: ModelConfig, cfg: TrainConfig) -> Callable[[Any, dict], dict]:
     # No cfg.remat_policy here: eval has no backward pass, so there is nothing to rematerialise.
     def eval_fn(params, batch):
@@ -518,13 +542,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
     mesh_shape = parse_mesh(cfg.mesh, len(devices))
     mesh = sharding_lib.make_mesh(mesh_shape, devices)
     rules = sharding_lib.DEFAULT_RULES
-    batch_axes = tuple(a for a in BATCH_AXES if mesh_shape[a] > 1) or None
-    n_batch_shards = math.prod(mesh_shape[a] for a in BATCH_AXES)
-    if cfg.batch_size % (n_batch_shards * cfg.num_microbatches):
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by data*fsdp={n_batch_shards} times "
-                         f"num_microbatches={cfg.num_microbatches}")
-    batch_sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding, replicated = batch_shardings(cfg, mesh)
 
     # MODEL_DIR must describe the same model when it already exists.
     if (model_dir / ckpt_lib.CONFIG_FILE).exists():
@@ -535,7 +553,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                              "model config; use a new MODEL_DIR")
 
     boxed = abstract_params(model_config)
-    param_sh = sharding_lib.param_shardings(boxed, mesh, rules)
+    param_sh = sharding_lib.param_shardings(boxed, mesh, rules, head_dim=model_config.head_dim)
     param_shapes = nn.meta.unbox(boxed)
 
     if cfg.initial_checkpoint:
@@ -625,9 +643,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
         if primary:
             print(describe_run(cfg, train_steps, original_steps, mesh_shape, resumed_from, model_dir),
                   file=sys.stderr, flush=True)
-        step_fn = make_train_step(model_config, cfg, optimizer, schedule, batch_axes)
-        train_step = jax.jit(step_fn, in_shardings=(param_sh, opt_sh, replicated, batch_sharding),
-                             out_shardings=(param_sh, opt_sh, replicated, replicated), donate_argnums=(0, 1))
+        train_step = jit_train_step(model_config, cfg, optimizer, schedule, mesh, param_sh, opt_sh)
         eval_step = jax.jit(make_eval_step(model_config, cfg), in_shardings=(param_sh, batch_sharding),
                             out_shardings=replicated)
 

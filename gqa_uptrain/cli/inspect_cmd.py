@@ -1,4 +1,5 @@
-"""gqa-uptrain inspect: parameter tree, counts and KV-cache sizes of a gin-configured model, without allocating."""
+"""gqa-uptrain inspect: parameter tree, counts and KV-cache sizes of a gin-configured model, without allocating;
+with --topology/--compile, XLA's memory and cost analysis of the train / decode programs compiled for a TPU slice."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,11 @@ DESCRIPTION = HELP + """.
 
 Examples:
   gqa-uptrain inspect --gin_file=models/t5_1_1/xxl.gin --gin.NUM_KV_HEADS=8
-  gqa-uptrain inspect --gin_file=models/t5_1_1/large.gin --gin.NUM_KV_HEADS=1 --mesh data=8,fsdp=4,model=4"""
+  gqa-uptrain inspect --gin_file=models/t5_1_1/large.gin --gin.NUM_KV_HEADS=1 --mesh data=8,fsdp=4,model=4
+  gqa-uptrain inspect --gin_file=models/t5_1_1/xl.gin --gin.NUM_KV_HEADS=8 --topology v4:4x4x4 \
+      --mesh data=16,fsdp=4,model=1 --compile train --num_microbatches 4 --json plan.json
+
+--compile needs libtpu (pip install -e '.[tpu]'); it runs on a CPU host (JAX_PLATFORMS=cpu is fine)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--remat_policy", default=None, metavar="POLICY",
                    help="activation rematerialisation assumed by the estimate: none, full, minimal or dots "
                         "(TrainConfig.remat_policy); default: the REMAT_POLICY gin macro if bound, else none")
+    c = parser.add_argument_group("ahead-of-time compilation for a TPU slice (needs libtpu; docs/scaling.md)")
+    c.add_argument("--topology", default=None, metavar="TOPO",
+                   help="TPU topology, e.g. v5e:2x2, v4:2x2x2, v4:4x4x4, v5p:4x4x8, v6e:4x4 (with --compile)")
+    c.add_argument("--compile", default=None, choices=("train", "decode", "both"),
+                   help="compile the trainer's step and/or the decoder's encoder+prefill and one-token step for "
+                        "--topology with --mesh, and report XLA's per-device memory and cost")
+    c.add_argument("--decode_batch_size", type=int, default=None,
+                   help="global decode batch (default: --batch_size)")
+    c.add_argument("--max_decode_length", type=int, default=None,
+                   help="decode cache length (default: --targets_length)")
+    c.add_argument("--json", default=None, metavar="FILE", help="also write the compiled report as JSON")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -37,7 +53,9 @@ def _fmt_bytes(n: float) -> str:
 
 def activation_bytes_per_device(cfg, mesh_shape, batch_size: int, inputs_length: int, targets_length: int,
                                 num_microbatches: int = 1, remat_policy: str = "none") -> float:
-    """Rough bytes of activations kept for the backward pass on one device.
+    """Rough bytes of activations kept for the backward pass on one device: the fast fallback of `inspect --mesh`
+    without --compile. XLA's memory analysis of the compiled step (--topology --compile) is the number to plan
+    with; tests/test_aot.py compares the two.
 
     Assumes: per-device microbatch b = batch_size / (data*fsdp) / num_microbatches; activations in cfg.dtype,
     logits/softmax in float32; tensors with a heads / d_ff / vocab axis split over `model`. Logits count twice
@@ -105,7 +123,77 @@ def _training_memory(args, cfg, boxed, mesh_shape, param_bytes: int, remat: str)
           f"(params + gradients + optimizer state + activations)")
 
 
+def _compiled_report(args, cfg, remat: str) -> dict:
+    """Compile the requested programs for --topology / --mesh; print one block per program; return the JSON."""
+    import sys
+
+    from gqa_uptrain import aot
+    from gqa_uptrain.optim import OptimizerConfig
+    from gqa_uptrain.train import TrainConfig
+    if not args.topology or not args.mesh or not args.compile:
+        raise ValueError("--topology, --mesh and --compile go together (e.g. --topology v5e:2x2 "
+                         "--mesh data=1,fsdp=2,model=2 --compile both)")
+    chip = aot.chip_for(args.topology)
+    mesh = aot.topology_mesh(args.topology, args.mesh)
+    out = {"topology": args.topology, "mesh": dict(mesh.shape), "devices": int(mesh.devices.size),
+           "chip": {"name": chip.name, "hbm_bytes": chip.hbm_bytes, "peak_flops": chip.peak_flops,
+                    "hbm_bytes_per_second": chip.hbm_bytes_per_second},
+           "model": {"d_model": cfg.d_model, "layers": [cfg.num_encoder_layers, cfg.num_decoder_layers],
+                     "num_heads": cfg.num_heads, "kv_heads": [cfg.enc_kv_heads, cfg.dec_self_kv_heads,
+                                                             cfg.dec_cross_kv_heads],
+                     "dtype": cfg.dtype, "param_dtype": cfg.param_dtype},
+           "programs": {}}
+    m = out["mesh"]["model"]
+    for kind, g in (("decoder self-attention", cfg.dec_self_kv_heads), ("decoder cross-attention",
+                                                                         cfg.dec_cross_kv_heads)):
+        if m > 1 and g % m:
+            print(f"note: {kind} has {g} key/value heads, not divisible by model={m}: its K/V kernels and cache "
+                  "are replicated over `model` (a head is never split inside head_dim)", file=sys.stderr)
+    print(f"compiling for {args.topology} ({chip.name}, {out['devices']} devices, {_fmt_bytes(chip.hbm_bytes)} HBM "
+          f"each), mesh {out['mesh']} ...", file=sys.stderr, flush=True)
+    if args.compile in ("train", "both"):
+        tc = TrainConfig(model_dir="<inspect>", train_steps=1, batch_size=args.batch_size,
+                         inputs_length=args.inputs_length, targets_length=args.targets_length,
+                         num_microbatches=args.num_microbatches, remat_policy=remat, optimizer=OptimizerConfig())
+        out["programs"]["train"] = aot.compile_train(cfg, tc, mesh, chip)
+        out["programs"]["train"]["run"] = {"batch_size": args.batch_size, "inputs_length": args.inputs_length,
+                                           "targets_length": args.targets_length,
+                                           "num_microbatches": args.num_microbatches, "remat_policy": remat}
+    if args.compile in ("decode", "both"):
+        batch = args.decode_batch_size or args.batch_size
+        length = args.max_decode_length or args.targets_length
+        dec = aot.compile_decode(cfg, mesh, chip, batch, args.inputs_length, length)
+        for name, rep in dec.items():
+            rep["run"] = {"batch_size": batch, "inputs_length": args.inputs_length, "max_decode_length": length}
+            out["programs"][f"decode_{name}"] = rep
+    for name, r in out["programs"].items():
+        b = r["per_device_bytes"]
+        if r.get("compile_error"):
+            print(f"{name}: does NOT fit: {r['compile_error']} (compile {r['compile_seconds']:.1f} s)")
+            continue
+        print(f"{name}: per device arguments {_fmt_bytes(b['arguments'])}, temp {_fmt_bytes(b['temp'])}, "
+              f"output {_fmt_bytes(b['output'])} (aliased {_fmt_bytes(b['alias'])}), total {_fmt_bytes(b['total'])} "
+              f"of {_fmt_bytes(r['hbm_bytes'])} HBM: {'fits' if r['fits'] else 'does NOT fit'}, margin "
+              f"{_fmt_bytes(r['margin_bytes'])}")
+        print(f"  {r['flops_per_device']:.3e} FLOPs and {_fmt_bytes(r['bytes_accessed_per_device'])} accessed per "
+              f"device; roofline estimate {r['roofline_seconds'] * 1e3:.3f} ms ({r['roofline_bound']}-bound; peak "
+              f"{chip.peak_flops / 1e12:g} TFLOP/s bf16, {chip.hbm_bytes_per_second / 1e9:g} GB/s); compiled in "
+              f"{r['compile_seconds']:.1f} s")
+    if args.json:
+        import json
+
+        from gqa_uptrain.checkpoint import atomic_write_text
+        atomic_write_text(args.json, json.dumps(out, indent=2) + "\n")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.topology or args.compile:
+        from gqa_uptrain.cli.common import model_config
+        from gqa_uptrain.model import check_remat_policy
+        cfg = model_config(args)
+        _compiled_report(args, cfg, check_remat_policy(_remat_policy(args)))
+        return 0
     import flax.linen as nn
     import jax
     import numpy as np

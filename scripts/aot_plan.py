@@ -1,0 +1,114 @@
+"""Table 1 / Figure 6 of the GQA paper in simulation, from XLA's compiled programs for a TPU v4 slice.
+
+For each number of key/value groups G, T5.1.1-XXL (input 2048, output 512, bfloat16 parameters and activations) is
+compiled ahead of time for `v4:2x2x2` (8 chips) with the decoder's encoder+prefill and one-token step programs
+(gqa_uptrain/aot.py). The largest batch per chip up to 32 whose programs both fit in HBM is searched from XLA's
+memory analysis; time per sample per chip is the roofline estimate (encoder+prefill once, 512 steps) times the
+chips, divided by the batch. Each result is appended to --out as one JSON line as soon as it is known, so a long run
+can be stopped and resumed (G values already in the file are skipped).
+
+  JAX_PLATFORMS=cpu python scripts/aot_plan.py --groups 1,8,64 --out docs/bench/aot_table1.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+DECODE_STEPS = 512
+PAPER = {1: 0.24, 8: 0.28, 64: 1.51}  # Table 1, XXL, seconds per sample per TPUv4 chip
+
+
+def xxl(g: int):
+    from gqa_uptrain.config import ModelConfig
+    return ModelConfig(vocab_size=32128, d_model=4096, num_heads=64, head_dim=64, d_ff=10240, num_encoder_layers=24,
+                       num_decoder_layers=24, decoder_self_kv_heads=g, decoder_cross_kv_heads=g, dtype="bfloat16",
+                       param_dtype="bfloat16")
+
+
+def measure(cfg, mesh, chip, per_chip: int, chips: int, inputs: int, outputs: int) -> dict:
+    from gqa_uptrain import aot
+    batch = per_chip * chips
+    t0 = time.perf_counter()
+    r = aot.compile_decode(cfg, mesh, chip, batch, inputs, outputs)
+    pre, step = r["prefill"], r["step"]
+    fits = pre["fits"] and step["fits"]
+    # Roofline: the encoder+prefill program once, then one step program per output token.
+    wall = pre["roofline_seconds"] + DECODE_STEPS * step["roofline_seconds"] if fits else None
+    return {"per_chip_batch": per_chip, "global_batch": batch, "fits": fits,
+            "peak_bytes": max(pre["per_device_bytes"]["total"] or 0, step["per_device_bytes"]["total"] or 0),
+            "prefill": pre, "step": step, "wall_estimate_seconds": wall,
+            "seconds_per_sample_per_chip": wall * chips / batch if fits else None,
+            "measure_seconds": time.perf_counter() - t0}
+
+
+def largest_batch(cfg, mesh, chip, chips, inputs, outputs, log) -> dict:
+    """Largest per-chip batch in {32, 16, 8, 4, 2, 1}... refined linearly: try 32; if it does not fit, fit
+    peak = a + b * batch through two compiled points and check the predicted largest batch."""
+    top = measure(cfg, mesh, chip, 32, chips, inputs, outputs)
+    log(top)
+    if top["fits"]:
+        return {**top, "tried": [32]}
+    low = measure(cfg, mesh, chip, 8, chips, inputs, outputs)
+    log(low)
+    tried = [32, 8]
+    slope = (top["peak_bytes"] - low["peak_bytes"]) / 24
+    guess = int((chip.hbm_bytes - low["peak_bytes"]) / slope) + 8 if slope > 0 else 8
+    guess = max(1, min(31, guess))
+    best = low if low["fits"] else None
+    while guess >= 1 and guess not in tried:
+        r = measure(cfg, mesh, chip, guess, chips, inputs, outputs)
+        log(r)
+        tried.append(guess)
+        if r["fits"]:
+            best = r if best is None or r["per_chip_batch"] > best["per_chip_batch"] else best
+            break
+        guess -= 1 if guess <= 8 else max(1, guess // 8)
+    if best is None:
+        return {**low, "tried": tried}
+    return {**best, "tried": tried}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--groups", default="1,2,4,8,16,32,64")
+    p.add_argument("--topology", default="v4:2x2x2")
+    p.add_argument("--mesh", default="data=1,fsdp=1,model=8")
+    p.add_argument("--inputs_length", type=int, default=2048)
+    p.add_argument("--outputs_length", type=int, default=DECODE_STEPS)
+    p.add_argument("--out", default="docs/bench/aot_table1.jsonl")
+    args = p.parse_args(argv)
+    from gqa_uptrain import aot
+    chip = aot.chip_for(args.topology)
+    mesh = aot.topology_mesh(args.topology, args.mesh)
+    chips = mesh.devices.size
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        done = {json.loads(l)["groups"] for l in out.read_text().splitlines() if '"result"' in l}
+
+    def log(r):
+        print(f"  batch/chip {r['per_chip_batch']}: peak {r['peak_bytes'] / 2**30:.2f} GiB fits={r['fits']} "
+              f"({r['measure_seconds']:.0f} s to compile)", file=sys.stderr, flush=True)
+
+    for g in [int(x) for x in args.groups.split(",")]:
+        if g in done:
+            continue
+        print(f"G={g}", file=sys.stderr, flush=True)
+        r = largest_batch(xxl(g), mesh, chip, chips, args.inputs_length, args.outputs_length, log)
+        rec = {"groups": g, "topology": args.topology, "mesh": args.mesh, "inputs_length": args.inputs_length,
+               "outputs_length": args.outputs_length, "paper_seconds": PAPER.get(g), "result": r}
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        t = r["seconds_per_sample_per_chip"]
+        print(f"G={g}: batch/chip {r['per_chip_batch']} fits={r['fits']} "
+              f"{'-' if t is None else f'{t:.3f}'} s/sample/chip (estimate)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
