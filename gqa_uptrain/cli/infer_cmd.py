@@ -39,7 +39,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--extra_ids", type=int, default=100, help="sentinel ids appended to --vocab (default 100)")
     g.add_argument("--step", type=int, default=None, help="checkpoint step of a training run (default latest)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--allow_nonfinite", action="store_true",
+    g.add_argument("--allow-nonfinite", action="store_true",
                    help="use the checkpoint even if parameters hold NaN/Inf (reported either way; refused by default)")
 
 
