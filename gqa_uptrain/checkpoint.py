@@ -541,7 +541,7 @@ def checked_finite(tensors: Mapping[str, Any], where: str, allow: bool = False,
     return TensorSource(shapes, load)
 
 
-def check_tree_finite(params: Any, where: str, allow: bool = False, flag: str = "--allow_nonfinite") -> None:
+def check_tree_finite(params: Any, where: str, allow: bool = False, flag: str = "--allow-nonfinite") -> None:
     """In-memory parameters: report every non-finite tensor (name and count) and refuse unless `allow`."""
     from flax import traverse_util
     bad = {k: (nonfinite_count(v), int(np.size(v))) for k, v in traverse_util.flatten_dict(params, sep="/").items()}

@@ -124,11 +124,16 @@ def test_convert_and_export_refuse_nonfinite_weights(tmp_path, tiny_config, para
 def test_infer_and_eval_refuse_nonfinite_checkpoint(tmp_path, tiny_config, params, capsys, cmd):
     checkpoint.save_params(tmp_path / "conv", _poison(params), tiny_config)
     data = tmp_path / "in.jsonl"
-    data.write_text(json.dumps({"inputs": [5, 6, 7], "targets": [8, 9]}) + "\n")
+    data.write_text(json.dumps({"inputs": "a b c", "targets": "d e"}) + "\n")
     extra = ["--input", data] if cmd == "infer" else ["--data", data, "--metrics", "loss"]
     rc, err = _run(capsys, cmd, "--checkpoint", tmp_path / "conv", *extra, "--quiet")
     assert rc == 1 and "'decoder/layers_0/mlp/wo/kernel' has 3 non-finite" in err, err
-    assert "--allow_nonfinite" in err
+    assert "--allow-nonfinite" in err
+    # Both spellings are accepted on every command that has the flag.
+    rc, err = _run(capsys, cmd, "--checkpoint", tmp_path / "conv", *extra, "--quiet", "--allow_nonfinite",
+                   "--output", tmp_path / "o.json")
+    # (proceeds past the check; the tiny model then has no vocabulary to decode with, which is another error)
+    assert "warning:" in err and "proceeding: --allow-nonfinite" in err and "refusing" not in err, err
 
 
 def test_check_tree_finite_names_tensor_and_count(tiny_config, params):

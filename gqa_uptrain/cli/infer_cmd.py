@@ -40,7 +40,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--step", type=int, default=None, help="checkpoint step of a training run (default latest)")
     from gqa_uptrain.cli.common import add_progress_argument
     add_progress_argument(g, "--quiet", dest="quiet")
-    g.add_argument("--allow_nonfinite", action="store_true",
+    g.add_argument("--allow-nonfinite", action="store_true",
                    help="use the checkpoint even if parameters hold NaN/Inf (reported either way; refused by default)")
 
 
