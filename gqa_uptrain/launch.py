@@ -48,6 +48,10 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", 
 BLOCKED_REASON = "DependencyNeverSatisfied"
 
 
+class SlurmError(ValueError):
+    """A SLURM command refused (bad partition/account, controller down): one clear CLI error line, like bad input."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SlurmResources:
     """#SBATCH resources of one stage's job. None leaves the cluster's default."""
@@ -204,7 +208,7 @@ def sbatch(script: pathlib.Path, after_ok: Sequence[str] = (), after_any: Sequen
         cmd.append(f"--dependency={','.join(deps)}")
     p = _run([*cmd, str(script)])
     if p.returncode != 0:
-        raise RuntimeError(f"sbatch {script} failed (exit {p.returncode}): {p.stderr.strip()}")
+        raise SlurmError(f"sbatch {script} failed (exit {p.returncode}): {p.stderr.strip()}")
     return p.stdout.strip().split(";")[0]  # "<id>[;<cluster>]"
 
 
@@ -236,7 +240,7 @@ def job_states(job_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     p = _run(["squeue", "-h", "-t", "all", "-u", getpass.getuser(), "-o", "%i|%T|%r"])
     if p.returncode != 0:
-        raise RuntimeError(f"squeue failed (exit {p.returncode}): {p.stderr.strip()}")
+        raise SlurmError(f"squeue failed (exit {p.returncode}): {p.stderr.strip()}")
     for line in p.stdout.splitlines():
         jid, _, rest = line.strip().partition("|")
         state, _, reason = rest.partition("|")

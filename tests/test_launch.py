@@ -158,3 +158,28 @@ def test_slurm_task_count_ignores_the_batch_shell(monkeypatch):
     assert launch.slurm_task_count() == 0
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     assert launch.slurm_task_count() == 2
+
+
+def test_sweep_dry_run_writes_every_stage_script_and_submits_nothing(tmp_path, monkeypatch):
+    import json
+
+    from gqa_uptrain import sweep
+    from gqa_uptrain.checkpoint import write_config_files
+    from gqa_uptrain.config import ModelConfig
+    fake = _FakeSlurm(monkeypatch)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_config_files(src, ModelConfig(num_heads=4, d_model=32, head_dim=8, d_ff=32, vocab_size=64,
+                                        num_encoder_layers=1, num_decoder_layers=1))
+    (src / "manifest.json").write_text(json.dumps({"step": 200}))
+    lines = []
+    cfg = sweep.SweepConfig(source_checkpoint=str(src), num_kv_heads=(2,), alphas=(0.0, 0.05))
+    sweep.run_sweep(cfg, tmp_path / "sw", dry_run=True, log=lines.append, launcher="slurm")
+    assert not fake.submitted
+    scripts = sorted(str(p.relative_to(tmp_path / "sw")) for p in (tmp_path / "sw").rglob("*.sbatch"))
+    assert scripts == ["bench/kv2.sbatch", "runs/kv2-mean-a0-s0/convert.sbatch", "runs/kv2-mean-a0-s0/eval.sbatch",
+                       "runs/kv2-mean-a0.05-s0/convert.sbatch", "runs/kv2-mean-a0.05-s0/eval.sbatch",
+                       "runs/kv2-mean-a0.05-s0/train.sbatch"]
+    assert sum("would submit" in l for l in lines) == 6
+    train = (tmp_path / "sw" / "runs" / "kv2-mean-a0.05-s0" / "train.sbatch").read_text()
+    assert "--gin.UPTRAIN_FRACTION=0.05" in train and "--gin.ORIGINAL_STEPS=200" in train

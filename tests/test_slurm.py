@@ -30,7 +30,8 @@ def _slurm_unavailable() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_slurm_unavailable() is not None, reason=str(_slurm_unavailable()))
+_UNAVAILABLE = _slurm_unavailable()
+pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None, reason=str(_UNAVAILABLE))
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}
@@ -197,6 +198,7 @@ def test_preempted_job_is_requeued_and_ends_like_an_uninterrupted_run(tmp_path, 
     state = _wait_job(job_id)
     log = (model_dir / "train.log").read_text()
     assert state == "COMPLETED", log[-3000:]
+    assert "stopped by SIGTERM" in log, f"training finished before SIGTERM arrived: raise steps ({steps})"
     assert "requeueing job" in log and "restart 1" in log and "resuming from step" in log, log[-3000:]
     stopped = int(log.split("stopped by SIGTERM at step ")[1].split()[0])
     assert 0 < stopped < steps
