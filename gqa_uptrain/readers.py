@@ -15,6 +15,7 @@ Formats (`detect_format`):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -56,36 +57,41 @@ class SafetensorsFile(Mapping):
     """Lazy read-only mapping over one .safetensors file; each lookup reads exactly one tensor from disk.
 
     Parsing and validation are the `safetensors` library's (header size, overlapping / out-of-range offsets, dtype
-    codes, `__metadata__` type); bfloat16 comes back as ml_dtypes.bfloat16 through framework="np"."""
+    codes, `__metadata__` type); bfloat16 comes back as ml_dtypes.bfloat16 through framework="np". The file is
+    opened (memory-mapped) for each read and closed after it: a mapping kept open would count every page read so
+    far in the process's resident memory (measured: peak RSS 1,073 MiB instead of 222 MiB reading a 944 MiB file
+    tensor by tensor), and the converter's memory bound is one tensor, not the file."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
         self.path = pathlib.Path(path)
+        with self._open() as f:
+            self.metadata = f.metadata() or {}
+            self._names = list(f.keys())
+            self._shapes = {n: tuple(f.get_slice(n).get_shape()) for n in self._names}
+
+    @contextlib.contextmanager
+    def _open(self, what: str = ""):
+        from safetensors import safe_open
         try:
-            self._file = safe_open(str(self.path), framework="np")
-            self.metadata = self._file.metadata() or {}
-            self._names = list(self._file.keys())
-            self._shapes = {n: tuple(self._file.get_slice(n).get_shape()) for n in self._names}
+            with safe_open(str(self.path), framework="np") as f:
+                yield f
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.path} not found") from None
         except Exception as e:  # SafetensorError, and OSError for unreadable files
+            if what:
+                raise ValueError(f"{self.path}: cannot read {what} ({_first_line(e)})") from None
             raise ValueError(f"{self.path}: not a valid safetensors file ({_first_line(e)})") from None
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._shapes:
             raise KeyError(name)
-        try:
-            return self._file.get_tensor(name)
-        except Exception as e:
-            raise ValueError(f"{self.path}: cannot read tensor {name!r} ({_first_line(e)})") from None
+        with self._open(f"tensor {name!r}") as f:
+            return f.get_tensor(name)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a tensor (along its first axis), reading only those bytes."""
-        try:
-            return self._file.get_slice(name)[start:stop]
-        except Exception as e:
-            raise ValueError(f"{self.path}: cannot read rows {start}:{stop} of {name!r} ({_first_line(e)})") \
-                from None
+        with self._open(f"rows {start}:{stop} of {name!r}") as f:
+            return f.get_slice(name)[start:stop]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]

@@ -704,12 +704,13 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                    dynamic_ncols=True)
         last_saved = latest
         t_last, steps_since = time.perf_counter(), 0
-        if (resumed_from is not None and eval_arrays and step and (step % cfg.eval_every == 0 or step == train_steps)
-                and jax.process_count() == 1 and not has_record(model_dir, step, "eval")):
-            # The run that saved this step was stopped before its evaluation was written. (Single process only:
-            # every process must agree to run the collective eval, and only process 0 reads metrics.jsonl.)
-            eval_history.append({"step": step, **run_eval(step)})
         try:
+            if (resumed_from is not None and eval_arrays and step and (step % cfg.eval_every == 0
+                                                                         or step == train_steps)
+                    and jax.process_count() == 1 and not has_record(model_dir, step, "eval")):
+                # The run that saved this step was stopped before its evaluation was written. (Single process:
+                # every process must agree to run the collective eval, and only process 0 reads metrics.jsonl.)
+                eval_history.append({"step": step, **run_eval(step)})
             while step < train_steps:
                 local = next(batches)
                 batch = {k: jax.make_array_from_process_local_data(batch_sharding, v, (cfg.batch_size, v.shape[1]))
