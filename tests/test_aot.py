@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for a TPU topology (libtpu, the `tpu` extra): the trainer's step and the decoder's
 programs compile for v5e:2x2, XLA's argument bytes are the sharded params + Adafactor state + batch, and key/value
 heads stay whole on the `model` axis. Head atomicity itself is checked without libtpu."""
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -80,6 +81,11 @@ def test_train_step_compiles_and_arguments_are_the_sharded_state(aot):
     assert b["alias"] >= 0.9 * (b["arguments"] - 4 * 16 * 128 * 4 // 2)
     assert r["fits"] and r["flops_per_device"] > 0 and r["bytes_accessed_per_device"] > 0
     assert r["roofline_seconds"] > 0
+    # XLA counts the microbatch loop's body once; scaled back, 2 microbatches cost what 1 does for the same batch.
+    one = aot.compile_train(MQA, dataclasses.replace(tc, num_microbatches=1), mesh, aot.chip_for("v5e:2x2"))
+    assert r["cost_scaled_by_microbatches"] == 2 and "cost_scaled_by_microbatches" not in one
+    assert r["flops_per_device"] == pytest.approx(one["flops_per_device"], rel=0.03)
+    assert r["xla_cost_per_device"]["flops"] < 0.6 * one["flops_per_device"]
     # The hand formula (inspect's fast fallback) is within a factor of 3 of XLA's temporaries for this step.
     act = activation_bytes_per_device(MQA, dict(mesh.shape), 16, 128, 128, 2, "none")
     assert b["temp"] / 3 < act < 3 * b["temp"], (act, b["temp"])
