@@ -123,3 +123,23 @@ def test_inspect_compile_cli_writes_the_report(aot, tmp_path, capsys):
     assert "roofline estimate" in text.out and "replicated over `model`" in text.err
     assert main(["inspect", "--gin_file=models/t5_1_1/tiny.gin", "--topology", "v5e:2x2", "--compile", "train"]) == 1
     assert "go together" in capsys.readouterr().err
+
+
+def test_cpu_host_with_libtpu_prints_no_libtpu_trace(aot, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    if any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio", "/dev/nvidia0")):
+        pytest.skip("this host has an accelerator: libtpu / CUDA are meant to initialise")
+    code = ("from gqa_uptrain.tpu_env import default_to_cpu_without_tpu as f; import sys; on = f(); import jax; "
+            "print(on, jax.devices()[0].platform)")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and p.stdout.split() == ["True", "cpu"], p.stderr[-2000:]
+    assert "TPU_WORKER" not in p.stderr and "libtpu" not in p.stderr.lower(), p.stderr[-2000:]
+    # The CLI applies it before anything imports JAX; an explicit JAX_PLATFORMS is left alone.
+    from gqa_uptrain.cli import main
+    monkeypatch.delenv("JAX_PLATFORMS")
+    assert main(["inspect", "--summary"]) == 0 and os.environ["JAX_PLATFORMS"] == "cpu"
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu,tpu")
+    assert main(["inspect", "--summary"]) == 0 and os.environ["JAX_PLATFORMS"] == "cpu,tpu"
