@@ -103,6 +103,32 @@ def table(path: pathlib.Path) -> str:
     return "\n".join(out)
 
 
+def plot(path: pathlib.Path, png: str) -> None:
+    """Figure 6's shape: time per sample per chip against G, roofline and floor, with the paper's three points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from gqa_uptrain.aot import CHIPS
+    rows = sorted((json.loads(l) for l in path.read_text().splitlines() if l.strip()), key=lambda d: d["groups"])
+    rows = [d for d in rows if d["result"]["fits"]]
+    g = [d["groups"] for d in rows]
+    est = [d["result"]["seconds_per_sample_per_chip"] for d in rows]
+    bw = CHIPS[rows[0]["topology"].split(":")[0]].hbm_bytes_per_second
+    floor = [(d["result"]["prefill"]["roofline_seconds"] + DECODE_STEPS * d["result"]["step"]["per_device_bytes"]
+              ["arguments"] / bw) / d["result"]["per_chip_batch"] for d in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(g, est, "o-", label="compiled, roofline (XLA bytes)")
+    ax.plot(g, floor, "s--", label="compiled, floor (argument bytes)")
+    ax.plot(list(PAPER), list(PAPER.values()), "k*", markersize=10, label="paper, Table 1")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("key/value groups G")
+    ax.set_ylabel("s per sample per chip")
+    ax.set_title("T5-XXL, in 2048 / out 512, v4:2x2x2 (estimate)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--groups", default="1,2,4,8,16,32,64")
@@ -112,9 +138,12 @@ def main(argv=None) -> int:
     p.add_argument("--outputs_length", type=int, default=DECODE_STEPS)
     p.add_argument("--out", default="docs/bench/aot_table1.jsonl")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    p.add_argument("--plot", default=None, metavar="PNG", help="with --table: also draw the curve")
     args = p.parse_args(argv)
     if args.table:
         print(table(pathlib.Path(args.out)))
+        if args.plot:
+            plot(pathlib.Path(args.out), args.plot)
         return 0
     from gqa_uptrain import aot
     chip = aot.chip_for(args.topology)
