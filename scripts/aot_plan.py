@@ -8,6 +8,11 @@ chips, divided by the batch. Each result is appended to --out as one JSON line a
 can be stopped and resumed (G values already in the file are skipped).
 
   JAX_PLATFORMS=cpu python scripts/aot_plan.py --groups 1,8,64 --out docs/bench/aot_table1.jsonl
+  python scripts/aot_plan.py --table --out docs/bench/aot_table1.jsonl    # the markdown table of docs/scaling.md
+
+Besides the roofline from XLA's "bytes accessed" (which counts every HLO operand, including copies and transposes
+of the cache), the table gives a floor: the step's argument bytes (every weight and cache entry read once) over
+the HBM bandwidth.
 """
 from __future__ import annotations
 
@@ -72,6 +77,58 @@ def largest_batch(cfg, mesh, chip, chips, inputs, outputs, log) -> dict:
     return {**best, "tried": tried}
 
 
+def table(path: pathlib.Path) -> str:
+    rows = sorted((json.loads(l) for l in path.read_text().splitlines() if l.strip()), key=lambda d: d["groups"])
+    by_g = {d["groups"]: d["result"] for d in rows}
+    ref = by_g.get(8)
+    out = ["| G | batch/chip | peak GiB/chip | prefill s | step ms | step ms (floor) | s/sample/chip | floor | "
+           "vs GQA-8 | paper s | paper vs GQA-8 | compile s |", "|---" * 12 + "|"]
+    for d in rows:
+        r, g = d["result"], d["groups"]
+        if not r["fits"]:
+            out.append(f"| {g} | none fits | | | | | | | | | | |")
+            continue
+        from gqa_uptrain.aot import CHIPS
+        bw = CHIPS[d["topology"].split(":")[0]].hbm_bytes_per_second
+        chips = r["global_batch"] // r["per_chip_batch"]
+        floor_step = r["step"]["per_device_bytes"]["arguments"] / bw
+        floor = (r["prefill"]["roofline_seconds"] + DECODE_STEPS * floor_step) * chips / r["global_batch"]
+        rel = r["seconds_per_sample_per_chip"] / ref["seconds_per_sample_per_chip"] if ref else float("nan")
+        paper = PAPER.get(g)
+        out.append(f"| {g} | {r['per_chip_batch']} | {r['peak_bytes'] / 2**30:.1f} | "
+                   f"{r['prefill']['roofline_seconds']:.2f} | {r['step']['roofline_seconds'] * 1e3:.1f} | "
+                   f"{floor_step * 1e3:.1f} | {r['seconds_per_sample_per_chip']:.3f} | {floor:.3f} | {rel:.2f} | "
+                   f"{paper if paper else ''} | {f'{paper / PAPER[8]:.2f}' if paper else ''} | "
+                   f"{r['prefill']['compile_seconds'] + r['step']['compile_seconds']:.0f} |")
+    return "\n".join(out)
+
+
+def plot(path: pathlib.Path, png: str) -> None:
+    """Figure 6's shape: time per sample per chip against G, roofline and floor, with the paper's three points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from gqa_uptrain.aot import CHIPS
+    rows = sorted((json.loads(l) for l in path.read_text().splitlines() if l.strip()), key=lambda d: d["groups"])
+    rows = [d for d in rows if d["result"]["fits"]]
+    g = [d["groups"] for d in rows]
+    est = [d["result"]["seconds_per_sample_per_chip"] for d in rows]
+    bw = CHIPS[rows[0]["topology"].split(":")[0]].hbm_bytes_per_second
+    floor = [(d["result"]["prefill"]["roofline_seconds"] + DECODE_STEPS * d["result"]["step"]["per_device_bytes"]
+              ["arguments"] / bw) / d["result"]["per_chip_batch"] for d in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(g, est, "o-", label="compiled, roofline (XLA bytes)")
+    ax.plot(g, floor, "s--", label="compiled, floor (argument bytes)")
+    ax.plot(list(PAPER), list(PAPER.values()), "k*", markersize=10, label="paper, Table 1")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("key/value groups G")
+    ax.set_ylabel("s per sample per chip")
+    ax.set_title("T5-XXL, in 2048 / out 512, v4:2x2x2 (estimate)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--groups", default="1,2,4,8,16,32,64")
@@ -80,7 +137,14 @@ def main(argv=None) -> int:
     p.add_argument("--inputs_length", type=int, default=2048)
     p.add_argument("--outputs_length", type=int, default=DECODE_STEPS)
     p.add_argument("--out", default="docs/bench/aot_table1.jsonl")
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    p.add_argument("--plot", default=None, metavar="PNG", help="with --table: also draw the curve")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(pathlib.Path(args.out)))
+        if args.plot:
+            plot(pathlib.Path(args.out), args.plot)
+        return 0
     from gqa_uptrain import aot
     chip = aot.chip_for(args.topology)
     mesh = aot.topology_mesh(args.topology, args.mesh)

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for a TPU topology (libtpu, the `tpu` extra): the trainer's step and the decoder's
 programs compile for v5e:2x2, XLA's argument bytes are the sharded params + Adafactor state + batch, and key/value
 heads stay whole on the `model` axis. Head atomicity itself is checked without libtpu."""
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -80,6 +81,11 @@ def test_train_step_compiles_and_arguments_are_the_sharded_state(aot):
     assert b["alias"] >= 0.9 * (b["arguments"] - 4 * 16 * 128 * 4 // 2)
     assert r["fits"] and r["flops_per_device"] > 0 and r["bytes_accessed_per_device"] > 0
     assert r["roofline_seconds"] > 0
+    # XLA counts the microbatch loop's body once; scaled back, 2 microbatches cost what 1 does for the same batch.
+    one = aot.compile_train(MQA, dataclasses.replace(tc, num_microbatches=1), mesh, aot.chip_for("v5e:2x2"))
+    assert r["cost_scaled_by_microbatches"] == 2 and "cost_scaled_by_microbatches" not in one
+    assert r["flops_per_device"] == pytest.approx(one["flops_per_device"], rel=0.03)
+    assert r["xla_cost_per_device"]["flops"] < 0.6 * one["flops_per_device"]
     # The hand formula (inspect's fast fallback) is within a factor of 3 of XLA's temporaries for this step.
     act = activation_bytes_per_device(MQA, dict(mesh.shape), 16, 128, 128, 2, "none")
     assert b["temp"] / 3 < act < 3 * b["temp"], (act, b["temp"])
@@ -117,3 +123,23 @@ def test_inspect_compile_cli_writes_the_report(aot, tmp_path, capsys):
     assert "roofline estimate" in text.out and "replicated over `model`" in text.err
     assert main(["inspect", "--gin_file=models/t5_1_1/tiny.gin", "--topology", "v5e:2x2", "--compile", "train"]) == 1
     assert "go together" in capsys.readouterr().err
+
+
+def test_cpu_host_with_libtpu_prints_no_libtpu_trace(aot, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    if any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio", "/dev/nvidia0")):
+        pytest.skip("this host has an accelerator: libtpu / CUDA are meant to initialise")
+    code = ("from gqa_uptrain.tpu_env import default_to_cpu_without_tpu as f; import sys; on = f(); import jax; "
+            "print(on, jax.devices()[0].platform)")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and p.stdout.split() == ["True", "cpu"], p.stderr[-2000:]
+    assert "TPU_WORKER" not in p.stderr and "libtpu" not in p.stderr.lower(), p.stderr[-2000:]
+    # The CLI applies it before anything imports JAX; an explicit JAX_PLATFORMS is left alone.
+    from gqa_uptrain.cli import main
+    monkeypatch.delenv("JAX_PLATFORMS")
+    assert main(["inspect", "--summary"]) == 0 and os.environ["JAX_PLATFORMS"] == "cpu"
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu,tpu")
+    assert main(["inspect", "--summary"]) == 0 and os.environ["JAX_PLATFORMS"] == "cpu,tpu"

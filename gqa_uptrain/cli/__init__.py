@@ -86,6 +86,8 @@ def normalize_flag_spelling(argv: list[str], known: "set[str] | argparse.Argumen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from gqa_uptrain.tpu_env import default_to_cpu_without_tpu
+    default_to_cpu_without_tpu()  # before any JAX import: no libtpu error trace on CPU-only hosts
     argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

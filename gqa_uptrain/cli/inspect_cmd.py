@@ -109,7 +109,7 @@ def _training_memory(args, cfg, boxed, mesh_shape, param_bytes: int, remat: str)
     from gqa_uptrain import sharding
     from gqa_uptrain.optim import OptimizerConfig, make_optimizer, opt_state_bytes_per_device
     shapes = nn.meta.unbox(boxed)
-    specs = sharding.param_partition_specs(boxed, mesh_shape)
+    specs = sharding.param_partition_specs(boxed, mesh_shape, head_dim=cfg.head_dim)
     opt_dev, opt_total = opt_state_bytes_per_device(make_optimizer(OptimizerConfig()), specs, shapes, mesh_shape)
     act = activation_bytes_per_device(cfg, mesh_shape, args.batch_size, args.inputs_length, args.targets_length,
                                       args.num_microbatches, remat)
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         groups[top] = groups.get(top, 0) + n
         row = [name, "x".join(map(str, shape)), ",".join(str(a) for a in axes), f"{n:,}"]
         if mesh_shape:
-            spec = sharding.logical_to_mesh_spec(axes, shape, mesh_shape)
+            spec = sharding.logical_to_mesh_spec(axes, shape, mesh_shape, head_dim=cfg.head_dim)
             b = sharding.bytes_per_device(shape, leaf.value.dtype.itemsize, spec, mesh_shape)
             per_device += b
             row.append(str(tuple(spec)))
