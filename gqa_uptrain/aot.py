@@ -8,8 +8,9 @@ with a cache of G heads). XLA's `memory_analysis()` then gives per-device argume
 `cost_analysis()` the FLOPs and bytes accessed of the partitioned (per-device) program.
 
 Time is a roofline *estimate*: max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth) with the chips'
-published peaks (CHIPS). It ignores collectives, overlap and efficiency; XLA's own `optimal_seconds` came back
-negative for TPU programs compiled this way, so it is not used.
+published peaks (CHIPS). It ignores collectives, overlap and efficiency. XLA's own `optimal_seconds` is not used:
+issue #12 saw it negative for a Base train step compiled this way (for a tiny decode step here it was positive),
+so it cannot be relied on as a time.
 
 Devices are counted as JAX counts them at run time: a v4 (and v5p) chip is one megacore device, so v4 topologies
 are requested with chip_config_name="megacore" (libtpu otherwise lists two per chip).

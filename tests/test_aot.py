@@ -4,7 +4,6 @@ heads stay whole on the `model` axis. Head atomicity itself is checked without l
 import dataclasses
 import json
 
-import flax.linen as nn
 import pytest
 from jax.sharding import PartitionSpec as P
 
