@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import pathlib
 import re
 from typing import Sequence
@@ -78,18 +79,22 @@ def _plain_file_search():
         gin_config._FILE_READERS[:] = saved
 
 
-def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
-    """Clear gin, then load files (searched in `search_paths`, the repo's configs/ and cwd) and bindings."""
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+              command_macros: Sequence[str] = ()) -> None:
+    """Clear gin, then load files (searched in `search_paths`, the repo's configs/ and cwd) and bindings.
+
+    `command_macros`: macros the calling command reads itself (gin.query_parameter), known even when no file does."""
     gin.clear_config()
     # configs/ and the repo root: both 'models/t5_1_1/xxl.gin' and 'configs/models/t5_1_1/xxl.gin' resolve anywhere.
     dirs = [*search_paths, str(REPO_CONFIG_DIR), str(REPO_CONFIG_DIR.parent), "."]
     for p in dirs:
         gin.add_config_file_search_path(p)
     with _plain_file_search():
-        _parse_files_and_bindings(gin_files, bindings, dirs)
+        _parse_files_and_bindings(gin_files, bindings, dirs, command_macros)
 
 
-def _parse_files_and_bindings(gin_files: Sequence[str], bindings: Sequence[str], dirs: Sequence[str]) -> None:
+def _parse_files_and_bindings(gin_files: Sequence[str], bindings: Sequence[str], dirs: Sequence[str],
+                              command_macros: Sequence[str] = ()) -> None:
     for f in gin_files:
         if not any((pathlib.Path(d) / f).exists() for d in dirs):
             raise FileNotFoundError(f"gin file {f!r} not found (looked in {', '.join(dirs)})")
@@ -99,7 +104,7 @@ def _parse_files_and_bindings(gin_files: Sequence[str], bindings: Sequence[str],
             raise ValueError(f"error in gin file {f}: {e}") from None
     # gin accepts a binding of a macro nobody reads, and our string fallback turns any unparseable value into a
     # string: both silently run something other than what was asked. Check names and types against the files.
-    known_macros = _macro_names()
+    known_macros = _macro_names() | set(command_macros)
     problems = []
     for b in bindings:
         name = b.partition(" = ")[0].strip()
@@ -224,9 +229,19 @@ def _type_problems(name: str) -> list[str]:
     if isinstance(value, gin_config.ConfigurableReference):
         return []  # another macro or configurable: checked where it is bound
     for t in expected:
+        if t is float and isinstance(value, str) and _non_finite(value):
+            # gin has no literal for these, so they arrive as strings; name the real problem, not the type.
+            return [f"{name} must be a finite number, got {value!r}"]
         if t is not None and not _value_matches(value, t):
             return [f"{name} expects {_type_name(t)}, got {value!r}"]
     return []
+
+
+def _non_finite(text: str) -> bool:
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _value_matches(value, t) -> bool:

@@ -24,7 +24,8 @@ def add_progress_argument(parser, *aliases: str, dest: str = "no_progress") -> N
 def load_gin(args: argparse.Namespace) -> None:
     from gqa_uptrain import gin_utils
     files = args.gin_file or ([args._default_gin_file] if args._default_gin_file else [])
-    gin_utils.parse_gin(files, getattr(args, "gin_bindings", []), args.gin_search_paths)
+    gin_utils.parse_gin(files, getattr(args, "gin_bindings", []), args.gin_search_paths,
+                        getattr(args, "_command_macros", ()))
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:

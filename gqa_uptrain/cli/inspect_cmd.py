@@ -19,6 +19,7 @@ Examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from gqa_uptrain.cli.common import add_gin_arguments
     add_gin_arguments(parser, default_file="models/t5_1_1/tiny.gin")
+    parser.set_defaults(_command_macros=("REMAT_POLICY",))  # read by _remat_policy, from a run file or --gin.
     parser.add_argument("--mesh", default="", metavar="data=D,fsdp=F,model=M",
                         help="also report per-device parameter bytes under this mesh and the default sharding rules")
     parser.add_argument("--summary", action="store_true", help="print totals only, not every parameter")
