@@ -554,7 +554,3 @@ def check_tree_finite(params: Any, where: str, allow: bool = False, flag: str = 
     if not allow:
         raise ValueError(msg)
     print(f"warning: {msg.split('; refusing')[0]} (proceeding: {flag})", file=sys.stderr)
-
-
-def tree_to_numpy(tree: Any) -> Any:
-    return jax.tree.map(np.asarray, tree)

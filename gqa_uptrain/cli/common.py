@@ -32,9 +32,3 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     from gqa_uptrain import gin_utils
     load_gin(args)
     return gin_utils.model_config_from_gin()
-
-
-def not_implemented(command: str, issue: int):
-    def run(args: argparse.Namespace) -> int:
-        raise NotImplementedError(f"'{command}' is not implemented yet (tracked in issue #{issue})")
-    return run

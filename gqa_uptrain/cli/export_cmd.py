@@ -12,7 +12,7 @@ lm_head.weight) and config.json (feed_forward_proj=gated-gelu, tie_word_embeddin
 MHA models (G = num_heads) load in transformers' T5ForConditionalGeneration and reproduce our logits.
 GQA models keep K/V of width G*head_dim and record gqa_encoder_kv_heads / gqa_decoder_self_kv_heads /
 gqa_decoder_cross_kv_heads in config.json; stock HF T5 cannot load those shapes (gqa_uptrain can:
-`gqa-uptrain convert --source DIR --num-kv-heads G`, or gqa_uptrain.readers.read_source(DIR)).
+`gqa-uptrain convert --source DIR --num-kv-heads G`, or gqa_uptrain.readers.open_source(DIR)).
 --expand-kv writes K/V repeated to num_heads heads instead: loads in stock HF T5, same function, no memory saving."""
 
 
