@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import jax
 import numpy as np
 
+from gqa_uptrain import native_stderr
 from gqa_uptrain.config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -393,26 +394,11 @@ def load_params(directory: str | os.PathLike, step: int | None = None) -> Loaded
     return LoadedCheckpoint(config, params, metadata, step)
 
 
-@contextlib.contextmanager
 def _native_stderr_held():
     """Hold what is written to fd 2 during a restore: shown afterwards on success, dropped on failure (unless
     GQA_UPTRAIN_DEBUG=1). A failed tensorstore read prints a traceback per in-flight array from its own threads
     ("Event loop is closed"), hundreds of lines before the one-line error that names the problem."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if ok or os.environ.get("GQA_UPTRAIN_DEBUG") == "1":
-                held.seek(0)
-                sys.stderr.write(held.read().decode(errors="replace"))
+    return native_stderr.held(replay_on_success=True, replay_on_failure=os.environ.get("GQA_UPTRAIN_DEBUG") == "1")
 
 
 def read_json(path: pathlib.Path) -> Any:

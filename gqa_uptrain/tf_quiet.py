@@ -6,30 +6,16 @@ captured text is replayed if the import fails. TF is hidden from GPUs so it neve
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-import tempfile
+
+from gqa_uptrain import native_stderr
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-@contextlib.contextmanager
 def native_stderr_captured():
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            if not ok:
-                tmp.seek(0)
-                sys.stderr.write(tmp.read().decode(errors="replace"))
+    """TensorFlow's C++ start-up lines are dropped; shown only if the import fails (they may explain why)."""
+    return native_stderr.held(replay_on_success=False, replay_on_failure=True)
 
 
 with native_stderr_captured():
