@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         from gqa_uptrain.cli.errors import quiet_library_logging
         quiet_library_logging()
+        if argv_given is None:
+            from gqa_uptrain.cli.errors import drop_closed_loop_thread_errors
+            drop_closed_loop_thread_errors()
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

@@ -70,11 +70,25 @@ class _DropLibraryTracebacks(logging.Filter):
         return not any("/orbax/" in frame.filename for frame in traceback.extract_tb(record.exc_info[2]))
 
 
+class _DropOrphanedStoreErrors(logging.Filter):
+    """A failed write also leaves tensorstore futures and orbax tasks nobody awaits; when collected, asyncio logs
+    "Future (or Task) exception was never retrieved" with the same status-coded error (e.g. RESOURCE_EXHAUSTED: ...
+    No space left on device) that is reported in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith(("Future exception was never retrieved",
+                                                  "Task exception was never retrieved")) and exc is not None
+                    and re.match(r"[A-Z_]+: ", str(exc)))
+
+
 def quiet_library_logging() -> None:
-    for name in ("absl", ""):
+    # Logger filters see only records logged on that logger (not those propagated from children): one per source.
+    for name, kind in (("absl", _DropLibraryTracebacks), ("", _DropLibraryTracebacks),
+                       ("asyncio", _DropOrphanedStoreErrors)):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropLibraryTracebacks) for f in logger.filters):
-            logger.addFilter(_DropLibraryTracebacks())
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 def one_line(e: BaseException) -> tuple[str, int] | None:
@@ -99,3 +113,18 @@ def one_line(e: BaseException) -> tuple[str, int] | None:
         msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
         return _first_line(msg) or type(e).__name__, 1
     return None
+
+
+def drop_closed_loop_thread_errors() -> None:
+    """When a write fails (disk full, read-only), tensorstore's native threads still hand results to the asyncio loop
+    that the failed orbax save closed; each call fails with RuntimeError('Event loop is closed'), which tensorstore
+    reports through sys.unraisablehook, racing the one-line error. That one exception is dropped; every other
+    unraisable exception is printed as before."""
+    import sys
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            previous(unraisable)
+    sys.unraisablehook = hook
