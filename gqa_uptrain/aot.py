@@ -123,11 +123,11 @@ def topology_devices(topology: str) -> list:
 
 def topology_mesh(topology: str, mesh_spec: str) -> jax.sharding.Mesh:
     devices = topology_devices(topology)
-    shape = sharding_lib.parse_mesh_spec(mesh_spec)
-    if math.prod(shape.values()) != len(devices):
-        raise ValueError(f"--mesh {mesh_spec!r} has {math.prod(shape.values())} devices; topology {topology} has "
-                         f"{len(devices)} (JAX devices: one per chip for v4/v5p megacore)")
-    return sharding_lib.make_mesh(shape, devices)
+    try:
+        return sharding_lib.make_mesh(mesh_spec, devices, flag="--mesh")
+    except ValueError as e:  # the topology's device count is the one surprise here, so name it
+        raise ValueError(f"topology {topology} ({len(devices)} JAX devices: one per chip for v4/v5p megacore): "
+                         f"{e}") from None
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -11,6 +11,7 @@ kernels (and the decode cache, `cache_partition_specs`) are replicated over `mod
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from typing import Any, Mapping, Sequence
@@ -47,35 +48,72 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """'data=2,fsdp=4,model=1' -> {'data': 2, 'fsdp': 4, 'model': 1} (missing axes are 1)."""
-    shape = {a: 1 for a in MESH_AXES}
-    if not spec:
-        return shape
-    for part in spec.split(","):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in shape or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"bad mesh entry {part!r} in {spec!r}: expected NAME=N with NAME in {MESH_AXES}")
-        shape[name] = int(value)
-    return shape
+def parse_mesh(spec: str, num_devices: int | None = None, flag: str = "mesh") -> dict[str, int]:
+    """The one reading of a mesh flag (train's MESH, inspect's --mesh, with or without --topology).
+
+    'data=2,fsdp=4,model=1' -> {'data': 2, 'fsdp': 4, 'model': 1}: comma-separated NAME=N over MESH_AXES, missing
+    axes are 1. At most one N may be -1: the devices left once the other axes are placed. '' puts all devices on
+    `data`. With `num_devices` the shape must use exactly that many devices; without one (inspect --mesh alone
+    plans for a mesh it does not have) '' means one device and -1 is an error, as there is nothing to fill.
+    `flag` names the setting in errors, so a mistake points at the flag the user typed.
+    """
+    shape: dict[str, int] = {}
+    for part in spec.split(",") if spec.strip() else []:
+        name, eq, value = (x.strip() for x in part.partition("="))
+        if not eq or not name:
+            raise ValueError(f"{flag} {spec!r}: entry {part.strip()!r} is not NAME=N (e.g. data=2,fsdp=4,model=1)")
+        if name not in MESH_AXES:
+            close = difflib.get_close_matches(name, MESH_AXES, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{flag} {spec!r}: unknown axis {name!r}{hint}; axes are {', '.join(MESH_AXES)}")
+        if name in shape:
+            raise ValueError(f"{flag} {spec!r}: axis {name} is given twice")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ValueError(f"{flag} {spec!r}: {name}={value!r} is not an integer") from None
+        shape[name] = size
+    if not shape:
+        shape = {"data": -1 if num_devices is not None else 1}
+    return _resolve_mesh_shape(shape, num_devices, f"{flag} {spec!r}")
 
 
-def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `Mesh` over (data, fsdp, model). A `data` of -1 takes all remaining devices."""
+def _resolve_mesh_shape(shape: Mapping[str, int], num_devices: int | None, label: str) -> dict[str, int]:
+    """Fill missing axes with 1 and a -1 with the remaining devices; check the product against num_devices."""
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"{label}: unknown axis {unknown[0]!r}; axes are {', '.join(MESH_AXES)}")
+    out = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    for name, size in out.items():
+        if size < 1 and size != -1:
+            raise ValueError(f"{label}: {name}={size} must be a positive integer or -1 (the remaining devices)")
+    free = [a for a, size in out.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"{label}: at most one axis may be -1, got {' and '.join(free)}")
+    fixed = math.prod(size for size in out.values() if size != -1)
+    if free:
+        if num_devices is None:
+            raise ValueError(f"{label}: {free[0]}=-1 needs a device count, and none is known here "
+                             f"(give every axis a size)")
+        if num_devices % fixed:
+            raise ValueError(f"{label}: the fixed axes use {fixed} devices, which does not divide the "
+                             f"{num_devices} available")
+        out[free[0]] = num_devices // fixed
+    elif num_devices is not None and fixed != num_devices:
+        raise ValueError(f"{label}: needs {fixed} devices, {num_devices} available")
+    return out
+
+
+def make_mesh(shape: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None,
+              flag: str = "mesh") -> Mesh:
+    """A `Mesh` over (data, fsdp, model) from a mesh flag or shape, read as `parse_mesh` reads it; None (like '')
+    puts all devices on `data`."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = dict(shape or {"data": -1})
-    dims = [shape.get(a, 1) for a in MESH_AXES]
-    if dims.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
-    known = math.prod(d for d in dims if d != -1)
-    if -1 in dims:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split by fixed mesh axes {shape}")
-        dims[dims.index(-1)] = len(devices) // known
-    if math.prod(dims) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices, "
-                         f"{len(devices)} available")
+    if shape is None or isinstance(shape, str):
+        resolved = parse_mesh(shape or "", len(devices), flag)
+    else:
+        resolved = _resolve_mesh_shape(shape, len(devices), f"{flag} {dict(shape)}")
+    dims = [resolved[a] for a in MESH_AXES]
     return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

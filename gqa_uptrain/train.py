@@ -109,7 +109,7 @@ class TrainConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
-    # Scale: mesh over (data, fsdp, model); "" = all devices on `data`.
+    # Scale: mesh over (data, fsdp, model), read by sharding.parse_mesh; "" = all devices on `data`.
     mesh: str = ""
     # Activation rematerialisation per encoder/decoder layer in the training step (model.REMAT_POLICIES: "none",
     # "full", "minimal", "dots"). Memory vs recomputation only: same loss, gradients and parameter tree.
@@ -141,28 +141,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# ------------------------------------------------------------------------------------------------------------ mesh
-
-
-def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
-    """'data=2,fsdp=2,model=2' -> mesh shape; '' -> all devices on data; one axis may be -1 (the rest)."""
-    shape = {a: 1 for a in sharding_lib.MESH_AXES}
-    if not spec:
-        shape["data"] = num_devices
-        return shape
-    for part in spec.split(","):
-        name, _, value = part.partition("=")
-        name, value = name.strip(), value.strip()
-        if name not in shape or not (value.isdigit() or value == "-1") or value == "0":
-            raise ValueError(f"bad mesh entry {part!r} in {spec!r}: expected NAME=N with NAME in "
-                             f"{sharding_lib.MESH_AXES} (one N may be -1)")
-        shape[name] = int(value)
-    fixed = math.prod(v for v in shape.values() if v != -1)
-    if list(shape.values()).count(-1) > 1 or num_devices % fixed:
-        raise ValueError(f"mesh {spec!r} does not fit {num_devices} devices")
-    return {k: (num_devices // fixed if v == -1 else v) for k, v in shape.items()}
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -539,8 +517,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
     model_dir = pathlib.Path(cfg.model_dir).absolute()
     primary = jax.process_index() == 0
     devices = list(devices if devices is not None else jax.devices())
-    mesh_shape = parse_mesh(cfg.mesh, len(devices))
-    mesh = sharding_lib.make_mesh(mesh_shape, devices)
+    mesh = sharding_lib.make_mesh(cfg.mesh, devices, flag="MESH (TrainConfig.mesh)")
+    mesh_shape = dict(mesh.shape)
     rules = sharding_lib.DEFAULT_RULES
     batch_sharding, replicated = batch_shardings(cfg, mesh)
 

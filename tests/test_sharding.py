@@ -67,5 +67,67 @@ def test_params_and_adafactor_state_are_sharded(results):
     assert results["fsdp=4,model=2"]["v_row_shape"] == [1]
 
 
+# ---------------------------------------------------------------- the one mesh parser (fast: no subprocess, 1 device)
+
+@pytest.mark.parametrize("spec,devices,want", [
+    ("", 8, (8, 1, 1)),                       # all devices on data
+    ("", None, (1, 1, 1)),                    # no device count (inspect --mesh alone): one device
+    ("fsdp=4", 4, (1, 4, 1)),                 # missing axes are 1
+    ("data=2, fsdp=2,model=2", 8, (2, 2, 2)),
+    ("model=2,data=-1", 8, (4, 1, 2)),        # -1 takes the remaining devices, on any axis
+    ("fsdp=-1", 6, (1, 6, 1)),
+    ("data=2,fsdp=4", None, (2, 4, 1)),       # without a device count the shape is taken as written
+])
+def test_parse_mesh_one_meaning(spec, devices, want):
+    from gqa_uptrain.sharding import MESH_AXES, parse_mesh
+    assert parse_mesh(spec, devices) == dict(zip(MESH_AXES, want))
+
+
+@pytest.mark.parametrize("spec,devices,message", [
+    ("dat=2", 8, "mesh 'dat=2': unknown axis 'dat' (did you mean data?); axes are data, fsdp, model"),
+    ("pipeline=2", 8, "mesh 'pipeline=2': unknown axis 'pipeline'; axes are data, fsdp, model"),
+    ("data=two", 8, "mesh 'data=two': data='two' is not an integer"),
+    ("data=1.5", 8, "mesh 'data=1.5': data='1.5' is not an integer"),
+    ("data", 8, "mesh 'data': entry 'data' is not NAME=N"),
+    ("data=0", 8, "mesh 'data=0': data=0 must be a positive integer or -1"),
+    ("data=-2", 8, "mesh 'data=-2': data=-2 must be a positive integer or -1"),
+    ("data=2,data=4", 8, "mesh 'data=2,data=4': axis data is given twice"),
+    ("data=-1,model=-1", 8, "mesh 'data=-1,model=-1': at most one axis may be -1, got data and model"),
+    ("data=-1,model=3", 8, "mesh 'data=-1,model=3': the fixed axes use 3 devices, which does not divide the 8"),
+    ("data=3", 8, "mesh 'data=3': needs 3 devices, 8 available"),
+    ("data=-1", None, "mesh 'data=-1': data=-1 needs a device count"),
+])
+def test_parse_mesh_errors_are_one_line(spec, devices, message):
+    from gqa_uptrain.sharding import parse_mesh
+    with pytest.raises(ValueError) as e:
+        parse_mesh(spec, devices)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_make_mesh_reads_specs_and_shapes_as_parse_mesh_does():
+    import jax
+    from gqa_uptrain.sharding import make_mesh
+    one = jax.devices()[:1]
+    for shape in (None, "", "data=-1", "model=-1", {"fsdp": -1}, {"data": 1, "fsdp": 1, "model": 1}):
+        assert dict(make_mesh(shape, one).shape) == {"data": 1, "fsdp": 1, "model": 1}, shape
+    assert dict(make_mesh(devices=one).shape)["data"] == 1
+    with pytest.raises(ValueError, match=r"^MESH 'data=2': needs 2 devices, 1 available$"):
+        make_mesh("data=2", one, flag="MESH")
+    with pytest.raises(ValueError, match=r"unknown axis 'pipe'"):
+        make_mesh({"pipe": 1}, one)
+    with pytest.raises(ValueError, match=r"at most one axis may be -1"):
+        make_mesh({"data": -1, "model": -1}, one)
+
+
+def test_train_and_inspect_use_the_one_parser(capsys):
+    """train's MESH and inspect's --mesh reach sharding.parse_mesh (the old per-command parsers are gone)."""
+    from gqa_uptrain import sharding, train
+    from gqa_uptrain.cli import main
+    assert not hasattr(train, "parse_mesh") and not hasattr(sharding, "parse_mesh_spec")
+    assert main(["inspect", "--gin_file=models/t5_1_1/small.gin", "--mesh", "dtaa=2", "--summary"]) != 0
+    err = capsys.readouterr().err
+    assert "--mesh 'dtaa=2': unknown axis 'dtaa' (did you mean data?)" in err and "Traceback" not in err
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     remat = check_remat_policy(_remat_policy(args))  # a bad name is an error even when no estimate is printed
     boxed = abstract_params(cfg)
     flat = traverse_util.flatten_dict(boxed, sep="/", is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
-    mesh_shape = sharding.parse_mesh_spec(args.mesh) if args.mesh else None
+    mesh_shape = sharding.parse_mesh(args.mesh, flag="--mesh") if args.mesh else None
     total = 0
     groups: dict[str, int] = {}
     per_device = 0
