@@ -37,11 +37,88 @@ TRAIN_CHECKPOINTS_DIR = "checkpoints"
 FLUSH_BYTES = 32 << 20
 
 
+# The manifest.json layout `Manifest` writes; bump it (and teach `Manifest.from_json` the old one) when a field
+# changes meaning, so an older gqa_uptrain refuses a newer file instead of misreading it.
+MANIFEST_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """DIR/manifest.json of a converted / saved model dir: what the parameters are and where they came from.
+
+    The JSON keys are the field names, as convert has always written them, plus `version`; files from before the
+    version field read as version 1. Keys this class does not know (a `save_params(metadata=...)` caller's own)
+    are kept in `extra` and written back unchanged."""
+    version: int = MANIFEST_VERSION
+    step: int | None = None            # training step of these parameters (convert: the source's step)
+    source_step: int | None = None     # pre-training step of the checkpoint convert read
+    converted_from: str | None = None  # the source's format (readers.open_source), when written by convert
+    method: str | None = None          # the conversion method (convert.METHODS), when written by convert
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def pretrain_step(self) -> int | None:
+        """The source's pre-training step (the α in UPTRAIN_FRACTION scales it): source_step, else step; a
+        step of 0 records nothing (a fresh initialisation has no pre-training to scale)."""
+        for value in (self.source_step, self.step):
+            if value:
+                return value
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: unset (None) fields are left out, as convert's manifests always did."""
+        return {**self.extra, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                 if f.name != "extra" and getattr(self, f.name) is not None}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = MANIFEST_FILE) -> "Manifest":
+        """A manifest from its parsed JSON (a dict); one ValueError naming `source`, the key and its value."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("version", 1)  # files written before the version field are version 1
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"{source}: version={version!r} is not a manifest version (a positive integer)")
+        if version > MANIFEST_VERSION:
+            raise ValueError(f"{source}: manifest version {version} is newer than this gqa_uptrain reads "
+                             f"(version {MANIFEST_VERSION}); upgrade gqa_uptrain to read it")
+        typed = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("version", "extra")}
+        values: dict[str, Any] = {}
+        for name in typed:
+            value = data.get(name)
+            if name in ("step", "source_step"):
+                value = _manifest_step(value, name, source)
+            elif value is not None and not isinstance(value, str):
+                raise ValueError(f"{source}: {name}={value!r} must be a string or null")
+            values[name] = value
+        extra = {k: v for k, v in data.items() if k not in typed and k != "version"}
+        return cls(version=version, extra=extra, **values)
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> "Manifest | None":
+        """DIR/manifest.json, or None when DIR has none (a training MODEL_DIR): the one reader of the file."""
+        path = pathlib.Path(directory) / MANIFEST_FILE
+        if not path.exists():
+            return None
+        return cls.from_json(read_json(path), str(path))
+
+
+def _manifest_step(value: Any, name: str, source: str) -> int | None:
+    # Steps are integers; an integral float (200.0) is accepted, as the reader before this class did.
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        raise ValueError(f"{source}: {name}={value!r} must be a non-negative integer or null")
+    return int(value)
+
+
 @dataclasses.dataclass
 class LoadedCheckpoint:
     config: ModelConfig
     params: Any  # nested dict of arrays, T5X names
-    metadata: dict[str, Any]
+    manifest: Manifest | None  # None for a training MODEL_DIR, which has no manifest.json
     step: int | None = None
 
 
@@ -250,7 +327,7 @@ class ParamsWriter:
 
 
 def write_checkpoint(output: str | os.PathLike, config: ModelConfig, tensors: Iterable[tuple[str, Any]],
-                     metadata: dict[str, Any] | None = None, overwrite: bool = False,
+                     metadata: Manifest | Mapping[str, Any] | None = None, overwrite: bool = False,
                      extra_files: Mapping[str, str | Callable[[], str]] | None = None,
                      source: str = "params") -> pathlib.Path:
     """Stream (flat name, array) pairs into a converted-model dir at `output`, atomically.
@@ -260,6 +337,8 @@ def write_checkpoint(output: str | os.PathLike, config: ModelConfig, tensors: It
     extra_files: file name -> text (or a function returning it, called after the tensors are written) written into
     the same directory inside the same atomic step.
     source: names the input in error messages."""
+    # Checked before the tensors stream in: a bad manifest should not cost a whole conversion.
+    manifest = metadata if isinstance(metadata, Manifest) else Manifest.from_json(metadata or {}, "manifest metadata")
     want = expected_shapes(config)
     seen: set[str] = set()
     with atomic_directory(output, overwrite) as tmp:
@@ -281,13 +360,14 @@ def write_checkpoint(output: str | os.PathLike, config: ModelConfig, tensors: It
                              f"(expected shape {want[missing[0]]})")
         writer.close()
         write_config_files(tmp, config)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(metadata or {}, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json())
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text() if callable(text) else text)
     return pathlib.Path(output)
 
 
-def save_params(output: str | os.PathLike, params: Any, config: ModelConfig, metadata: dict[str, Any] | None = None,
+def save_params(output: str | os.PathLike, params: Any, config: ModelConfig,
+                metadata: Manifest | Mapping[str, Any] | None = None,
                 overwrite: bool = False, extra_files: dict[str, str] | None = None) -> pathlib.Path:
     """Write an in-memory params tree (nested or flat) with config.json, model.gin and manifest.json to `output`."""
     check_params_match_config(params, config)
@@ -350,7 +430,7 @@ def _pytree_dir(params_dir: pathlib.Path) -> pathlib.Path:
     return found[0]
 
 
-def _locate(directory: str | os.PathLike, step: int | None) -> tuple[ModelConfig, dict[str, Any], int | None,
+def _locate(directory: str | os.PathLike, step: int | None) -> tuple[ModelConfig, Manifest | None, int | None,
                                                                        pathlib.Path]:
     """(config, manifest, step, pytree dir) of a converted dir or of a training run's latest / given step."""
     import orbax.checkpoint as ocp
@@ -358,15 +438,14 @@ def _locate(directory: str | os.PathLike, step: int | None) -> tuple[ModelConfig
     if not directory.exists():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config = read_config(directory)
-    meta_path = directory / MANIFEST_FILE
-    metadata = read_json(meta_path) if meta_path.exists() else {}
+    manifest = Manifest.read(directory)
     if (directory / PARAMS_DIR).exists():
         if step is not None:
             # A converted/exported dir holds one set of parameters; silently ignoring the step would hand back
             # parameters the caller did not ask for.
             raise ValueError(f"--step {step}: {directory} is a converted checkpoint without training steps; drop "
                              "--step (or pass a training MODEL_DIR)")
-        return config, metadata, metadata.get("step"), _pytree_dir(directory / PARAMS_DIR)
+        return config, manifest, manifest.step if manifest else None, _pytree_dir(directory / PARAMS_DIR)
     run_dir = directory / TRAIN_CHECKPOINTS_DIR
     if run_dir.exists():
         with ocp.CheckpointManager(run_dir, item_names=("params",)) as mngr:
@@ -377,7 +456,7 @@ def _locate(directory: str | os.PathLike, step: int | None) -> tuple[ModelConfig
         if step not in steps:
             raise FileNotFoundError(f"--step {step}: {run_dir} has no complete checkpoint for that step (available: "
                                     f"{', '.join(str(s) for s in sorted(steps)) or 'none'})")
-        return config, metadata, int(step), run_dir / str(step) / PARAMS_DIR
+        return config, manifest, int(step), run_dir / str(step) / PARAMS_DIR
     raise FileNotFoundError(f"{directory} has neither {PARAMS_DIR}/ nor {TRAIN_CHECKPOINTS_DIR}/: "
                             "not a gqa_uptrain checkpoint")
 
@@ -385,13 +464,13 @@ def _locate(directory: str | os.PathLike, step: int | None) -> tuple[ModelConfig
 def load_params(directory: str | os.PathLike, step: int | None = None) -> LoadedCheckpoint:
     """Load params + config from a converted checkpoint dir or the latest (or given) step of a training run."""
     import orbax.checkpoint as ocp
-    config, metadata, step, pytree_dir = _locate(directory, step)
+    config, manifest, step, pytree_dir = _locate(directory, step)
     with _native_stderr_held(), ocp.StandardCheckpointer() as ckptr:
         try:
             params = ckptr.restore(pytree_dir, _restore_args(config).item)
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types; translated, not swallowed
             raise restore_error(e, pytree_dir, expected_shapes(config)) from e
-    return LoadedCheckpoint(config, params, metadata, step)
+    return LoadedCheckpoint(config, params, manifest, step)
 
 
 def _native_stderr_held():
@@ -491,9 +570,9 @@ def _partial_restore_loader(pytree_dir: pathlib.Path, shapes: Mapping[str, tuple
 
 def open_params(directory: str | os.PathLike, step: int | None = None) -> LoadedCheckpoint:
     """Like `load_params`, but `params` is a `TensorSource` (flat, read tensor by tensor)."""
-    config, metadata, step, pytree_dir = _locate(directory, step)
+    config, manifest, step, pytree_dir = _locate(directory, step)
     shapes = expected_shapes(config)
-    return LoadedCheckpoint(config, TensorSource(shapes, _partial_restore_loader(pytree_dir, shapes)), metadata, step)
+    return LoadedCheckpoint(config, TensorSource(shapes, _partial_restore_loader(pytree_dir, shapes)), manifest, step)
 
 
 def nonfinite_count(array: Any) -> int:

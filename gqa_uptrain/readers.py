@@ -475,7 +475,7 @@ def open_source(path: str | os.PathLike, fmt: str = "auto", config: ModelConfig 
     opened = open_params(path)
     files = sorted(str(p) for p in pathlib.Path(path).rglob("*") if p.is_file())
     return Source(opened.config, opened.params, "orbax", str(path), opened.step, files,
-                  {"source_metadata": opened.metadata})
+                  {"source_metadata": opened.manifest.to_dict() if opened.manifest else {}})
 
 
 def sha256_files(files: list[str], root: str | None = None) -> dict[str, str]:

@@ -158,7 +158,7 @@ def read_bench(root: pathlib.Path, kv_heads: int) -> dict[str, float]:
 
 def _source_info(path: str) -> tuple[int, int | None]:
     from gqa_uptrain.checkpoint import read_config
-    from gqa_uptrain.train import recorded_source_step  # the trainer's own reading of a source's step
+    from gqa_uptrain.train import recorded_source_step  # the trainer's own reading of the source's manifest
     cfg = read_config(path)
     step = recorded_source_step(path)
     run_dir = pathlib.Path(path) / "checkpoints"

@@ -50,6 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gqa_uptrain import preemption
 from gqa_uptrain import sharding as sharding_lib
+from gqa_uptrain.checkpoint import Manifest
 from gqa_uptrain.config import ModelConfig
 from gqa_uptrain.model import Transformer, abstract_params, check_remat_policy
 from gqa_uptrain.optim import (OptimizerConfig, check_range, learning_rate_schedule, make_optimizer,
@@ -405,39 +406,17 @@ class TrainResult:
     data_resume: str | None = None
 
 
-def _source_step(metadata: Mapping[str, Any]) -> int | None:
-    """The pre-training step a converted checkpoint records (manifest.json / conversion.json)."""
-    for key in ("original_steps", "source_step", "pretrain_steps", "step"):
-        if isinstance(metadata.get(key), (int, float)) and metadata[key] > 0:
-            return int(metadata[key])
-    for nested in ("source", "conversion"):
-        if isinstance(metadata.get(nested), Mapping):
-            found = _source_step(metadata[nested])
-            if found:
-                return found
-    return None
-
-
-def _read_source_metadata(directory: str) -> dict[str, Any]:
-    d = pathlib.Path(directory)
-    meta: dict[str, Any] = {}
-    for name in ("conversion.json", "manifest.json"):
-        if (d / name).exists():
-            try:
-                meta.update(json.loads((d / name).read_text()))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{d / name} is not valid JSON: {e}") from None
-    return meta
-
-
 def recorded_source_step(directory: str) -> int | None:
-    """The pre-training step a checkpoint directory records in conversion.json / manifest.json, if any."""
-    return _source_step(_read_source_metadata(directory))
+    """The pre-training step a checkpoint directory's manifest.json records, if any (a training MODEL_DIR has
+    no manifest, so None)."""
+    manifest = Manifest.read(directory)
+    return manifest.pretrain_step if manifest else None
 
 
-def resolve_length(cfg: TrainConfig, source_metadata: Mapping[str, Any] | None) -> tuple[int, int | None]:
-    """(train_steps, original_steps): explicit TRAIN_STEPS wins; else round(alpha * original_steps)."""
-    original = cfg.original_steps or (_source_step(source_metadata or {}) if source_metadata is not None else None)
+def resolve_length(cfg: TrainConfig, source_manifest: Manifest | None) -> tuple[int, int | None]:
+    """(train_steps, original_steps): explicit TRAIN_STEPS wins; else round(alpha * original_steps), with
+    ORIGINAL_STEPS or else the pre-training step INITIAL_CHECKPOINT's manifest records."""
+    original = cfg.original_steps or (source_manifest.pretrain_step if source_manifest is not None else None)
     if cfg.train_steps is not None:
         return int(cfg.train_steps), original
     if original is None:
@@ -560,8 +539,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
         start_step = int(data_state["step"])
         data_skip_reason = skip_reason(cfg, data_state, jax.process_count())
     else:
-        source_meta = _read_source_metadata(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
-        train_steps, original_steps = resolve_length(cfg, source_meta)
+        source_manifest = Manifest.read(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
+        train_steps, original_steps = resolve_length(cfg, source_manifest)
         if cfg.continue_schedule and not original_steps:
             raise ValueError("continue_schedule needs ORIGINAL_STEPS or an INITIAL_CHECKPOINT recording its step")
         schedule_offset = int(original_steps) if cfg.continue_schedule else cfg.optimizer.step_offset

@@ -198,3 +198,87 @@ def test_unknown_method_and_layers(tiny_config):
         convert.convert_params({}, tiny_config, 2, method="median")
     with pytest.raises(ValueError, match="--layers must be one of"):
         convert.convert_params({}, tiny_config, 2, layers="encoder")
+
+
+# ------------------------------------------------------------------- manifest.json: one typed, versioned format
+
+def _tiny_source(tmp_path, metadata):
+    from gqa_uptrain import checkpoint
+    from gqa_uptrain.config import ModelConfig
+    cfg = ModelConfig(vocab_size=4224, d_model=16, num_heads=2, head_dim=8, d_ff=16, num_encoder_layers=1,
+                      num_decoder_layers=1)
+    params = {k: np.zeros(s, np.float32) for k, s in checkpoint.expected_shapes(cfg).items()}
+    return checkpoint.save_params(tmp_path / "src", params, cfg, metadata=metadata)
+
+
+def test_convert_writes_a_versioned_manifest_that_train_sweep_and_export_read(tmp_path, capsys):
+    import json
+
+    from gqa_uptrain import checkpoint, sweep
+    from gqa_uptrain.cli import main
+    from gqa_uptrain.train import TrainConfig, recorded_source_step, resolve_length
+    src = _tiny_source(tmp_path, {"step": 300})
+    out = tmp_path / "conv"
+    assert main(["convert", "--source", str(src), "--num-kv-heads", "1", "--output", str(out), "--no-progress"]) == 0
+    # The keys convert wrote before the manifest was a type, plus the version.
+    assert json.loads((out / "manifest.json").read_text()) == {
+        "version": 1, "step": 300, "source_step": 300, "converted_from": "orbax", "method": "mean"}
+    manifest = checkpoint.Manifest.read(out)
+    assert (manifest.version, manifest.pretrain_step, manifest.converted_from) == (1, 300, "orbax")
+    assert recorded_source_step(str(out)) == 300                                   # train's INITIAL_CHECKPOINT
+    assert resolve_length(TrainConfig(model_dir="x", uptrain_fraction=0.05), manifest) == (15, 300)
+    assert sweep._source_info(str(out)) == (2, 300)                                # sweep's ORIGINAL_STEPS
+    assert checkpoint.open_params(out).step == 300                                  # export's step
+    assert checkpoint.open_params(out).manifest == manifest
+
+
+def test_manifest_without_version_reads_as_version_1(tmp_path):
+    import json
+
+    from gqa_uptrain.checkpoint import Manifest
+    from gqa_uptrain.train import recorded_source_step
+    d = _tiny_source(tmp_path, None)
+    # Exactly what convert wrote before the version field existed.
+    (d / "manifest.json").write_text(json.dumps({"converted_from": "t5x", "method": "mean", "source_step": 250,
+                                                 "step": 250}))
+    m = Manifest.read(d)
+    assert (m.version, m.step, m.source_step, m.converted_from, m.method) == (1, 250, 250, "t5x", "mean")
+    assert recorded_source_step(str(d)) == 250
+    (d / "manifest.json").write_text(json.dumps({"step": 200.0, "note": "mine"}))  # hand-written, own key kept
+    m = Manifest.read(d)
+    assert (m.version, m.pretrain_step, dict(m.extra)) == (1, 200, {"note": "mine"})
+    assert json.loads(m.to_json()) == {"version": 1, "step": 200, "note": "mine"}
+    (d / "manifest.json").write_text("{}")  # save_params without metadata, and step 0: nothing recorded
+    assert recorded_source_step(str(d)) is None
+    (d / "manifest.json").unlink()          # a training MODEL_DIR has no manifest
+    assert Manifest.read(d) is None and recorded_source_step(str(d)) is None
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"version": 2, "step": 5}', "manifest.json: manifest version 2 is newer than this gqa_uptrain reads (version 1)"),
+    ('{"version": "1"}', "manifest.json: version='1' is not a manifest version"),
+    ('{"version": 0}', "manifest.json: version=0 is not a manifest version"),
+    ('[1, 2]', "manifest.json: expected a JSON object, got list"),
+    ('{"step": "300"}', "manifest.json: step='300' must be a non-negative integer or null"),
+    ('{"source_step": 1.5}', "manifest.json: source_step=1.5 must be a non-negative integer or null"),
+    ('{"method": 3}', "manifest.json: method=3 must be a string or null"),
+    ('{"step": ', "manifest.json is not valid JSON"),
+])
+def test_bad_manifest_is_one_line_naming_file_key_and_value(tmp_path, capsys, text, message):
+    from gqa_uptrain.checkpoint import Manifest
+    from gqa_uptrain.cli import main
+    d = _tiny_source(tmp_path, None)
+    (d / "manifest.json").write_text(text)
+    with pytest.raises(ValueError) as e:
+        Manifest.read(d)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    # The commands read it the same way: export reports it in one line, without a traceback.
+    assert main(["export", "--checkpoint", str(d), "--output", str(tmp_path / "hf")]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_save_params_checks_its_manifest_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="manifest metadata: step='x' must be a non-negative integer"):
+        _tiny_source(tmp_path, {"step": "x"})
+    assert not (tmp_path / "src").exists()

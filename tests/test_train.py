@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from gqa_uptrain.checkpoint import Manifest
 from gqa_uptrain.config import ModelConfig
 from gqa_uptrain.model import init_params
 from gqa_uptrain.optim import (OptimizerConfig, learning_rate_schedule, make_optimizer, opt_state_bytes_per_device,
@@ -218,11 +219,13 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 def test_length_from_uptrain_fraction():
     cfg = TrainConfig(model_dir="x", uptrain_fraction=0.05)
-    assert train_lib.resolve_length(cfg, {"source": {"step": 1_000_000}}) == (50_000, 1_000_000)
+    assert train_lib.resolve_length(cfg, Manifest(step=1_000_000, source_step=1_000_000)) == (50_000, 1_000_000)
+    # A manifest with only `step` (save_params(metadata={"step": N})) records the same pre-training step.
+    assert train_lib.resolve_length(cfg, Manifest(step=1_000_000)) == (50_000, 1_000_000)
     assert train_lib.resolve_length(TrainConfig(model_dir="x", uptrain_fraction=0.1, original_steps=400), None) \
         == (40, 400)
     with pytest.raises(ValueError, match="ORIGINAL_STEPS"):
-        train_lib.resolve_length(cfg, {})
+        train_lib.resolve_length(cfg, Manifest())
     with pytest.raises(ValueError, match="TRAIN_STEPS"):
         TrainConfig(model_dir="x")
 

@@ -232,7 +232,7 @@ def _versions() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from gqa_uptrain import convert, readers
-    from gqa_uptrain.checkpoint import write_checkpoint
+    from gqa_uptrain.checkpoint import Manifest, write_checkpoint
 
     if args.source_format not in readers.FORMATS:
         raise ValueError(f"unknown --source-format {args.source_format!r}; choose one of {readers.FORMATS}")
@@ -302,8 +302,8 @@ def run(args: argparse.Namespace) -> int:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }, indent=2) + "\n"
 
-    write_checkpoint(out, new_config, items, {"step": src.step, "source_step": src.step,
-                                              "converted_from": src.format, "method": args.method},
+    manifest = Manifest(step=src.step, source_step=src.step, converted_from=src.format, method=args.method)
+    write_checkpoint(out, new_config, items, manifest,
                      overwrite=args.overwrite, extra_files={"conversion.json": record}, source=str(src.path))
     print(f"wrote {out}: {new_config.num_heads} query heads, kv heads encoder={new_config.enc_kv_heads} "
           f"decoder_self={new_config.dec_self_kv_heads} decoder_cross={new_config.dec_cross_kv_heads}, "
