@@ -30,9 +30,9 @@ EOS_ID = 1
 # Finite so that arithmetic on masked entries (sums, divisions by the length penalty) never makes NaNs.
 NEG_INF = -1.0e10
 
-__all__ = ["PAD_ID", "EOS_ID", "greedy_decode", "greedy_decode_from_encoded", "sample_decode", "beam_search", "BeamSearchOutput",
-           "filter_logits", "length_penalty", "prefill", "cache_bytes", "score_sequences", "token_scores", "encode_and_prefill", "decode_step",
-           "sequence_mask", "pad_batch", "Generator"]
+__all__ = ["PAD_ID", "EOS_ID", "METHODS", "greedy_decode", "greedy_decode_from_encoded", "sample_decode", "beam_search",
+           "BeamSearchOutput", "generate", "filter_logits", "length_penalty", "prefill", "cache_bytes",
+           "encode_and_prefill", "decode_step", "sequence_mask", "pad_batch", "Generator"]
 
 
 # ------------------------------------------------------------------------------------------ model calls
@@ -381,33 +381,34 @@ def beam_search(config: ModelConfig, params: Any, encoder_input_tokens: Any, max
                         max_decode_length=max_decode_length, num_beams=num_beams)
 
 
-# ------------------------------------------------------------------------------------------- scoring
+# ------------------------------------------------------------------------------------- one entry point
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _score(params: Any, enc: Array, targets: Array, *, config: ModelConfig) -> tuple[Array, Array]:
-    model = Transformer(config)
-    dec_in = jnp.concatenate([jnp.full((targets.shape[0], 1), PAD_ID, jnp.int32), targets[:, :-1]], axis=1)
-    # No decoder_target_tokens: a 0 inside a hypothesis must not be treated as padding; causality already keeps
-    # positions after the end from influencing earlier ones.
-    logits = model.apply({"params": params}, enc, dec_in)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0], jnp.argmax(logits, -1).astype(jnp.int32)
+METHODS = ("greedy", "sample", "beam")
 
 
-def score_sequences(config: ModelConfig, params: Any, encoder_input_tokens: Any, target_tokens: Any) -> Array:
-    """Teacher-forced log p(target_t | target_<t, input) per position: [batch, tgt_len] f32, unmasked.
-
-    Mask with `sequence_mask` (decoded hypotheses) or `target_tokens > 0` (padded references) before summing.
-    """
-    return token_scores(config, params, encoder_input_tokens, target_tokens)[0]
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown decoding method {method!r}; choose greedy, sample or beam")
+    return method
 
 
-def token_scores(config: ModelConfig, params: Any, encoder_input_tokens: Any,
-                 target_tokens: Any) -> tuple[Array, Array]:
-    """Teacher-forced (log-prob of each target token [batch, tgt_len] f32, argmax prediction [batch, tgt_len])."""
-    return _score(params, jnp.asarray(encoder_input_tokens, jnp.int32), jnp.asarray(target_tokens, jnp.int32),
-                  config=config)
+def generate(config: ModelConfig, params: Any, encoder_input_tokens: Any, max_decode_length: int,
+             method: str = "greedy", *, rng: Array | None = None, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, num_beams: int = 4, alpha: float = 0.6, eos_id: int | None = EOS_ID) -> Array:
+    """Tokens [batch, max_decode_length] int32 with `method`: 'greedy' (greedy_decode), 'sample' (sample_decode
+    with rng, default PRNGKey(0), temperature, top_k, top_p) or 'beam' (the best of beam_search's num_beams
+    beams, length penalty alpha). The options of the other methods are ignored."""
+    args = (config, params, encoder_input_tokens, max_decode_length)
+    if _check_method(method) == "greedy":
+        return greedy_decode(*args, eos_id=eos_id)
+    if method == "sample":
+        return sample_decode(*args, rng=jax.random.PRNGKey(0) if rng is None else rng, temperature=temperature,
+                             top_k=top_k, top_p=top_p, eos_id=eos_id)
+    return beam_search(*args, num_beams=num_beams, alpha=alpha, eos_id=eos_id).best
+
+
+# ------------------------------------------------------------------------------------------- helpers
 
 
 def sequence_mask(tokens: Any, eos_id: int = EOS_ID) -> Array:
@@ -453,8 +454,7 @@ class Generator:
     def __init__(self, config: ModelConfig, params: Any, vocabulary: Any, *, max_input_length: int = 512,
                  max_decode_length: int = 64, method: str = "greedy", temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, num_beams: int = 4, alpha: float = 0.6, seed: int = 0):
-        if method not in ("greedy", "sample", "beam"):
-            raise ValueError(f"unknown decoding method {method!r}; choose greedy, sample or beam")
+        _check_method(method)
         if vocabulary.vocab_size > config.vocab_size:
             raise ValueError(f"vocabulary has {vocabulary.vocab_size} ids but the model's vocab_size is "
                              f"{config.vocab_size}: wrong vocabulary for this checkpoint")
@@ -471,15 +471,14 @@ class Generator:
 
     def generate_tokens(self, encoder_input_tokens: Any) -> np.ndarray:
         """[batch, src_len] -> output ids [batch, max_decode_length] with the configured method."""
-        args = (self.config, self.params, encoder_input_tokens, self.max_decode_length)
-        if self.method == "greedy":
-            out = greedy_decode(*args)
-        elif self.method == "sample":
-            self._rng, sub = jax.random.split(self._rng)
-            out = sample_decode(*args, rng=sub, **self.sample_options)
-        else:
-            out = beam_search(*args, **self.beam_options).best
-        return np.asarray(out)
+        options = {}
+        if self.method == "sample":
+            self._rng, options["rng"] = jax.random.split(self._rng)
+            options.update(self.sample_options)
+        elif self.method == "beam":
+            options.update(self.beam_options)
+        return np.asarray(generate(self.config, self.params, encoder_input_tokens, self.max_decode_length,
+                                   self.method, **options))
 
     def decode_tokens(self, tokens: np.ndarray) -> list[str]:
         texts = []

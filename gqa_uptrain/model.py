@@ -336,16 +336,18 @@ class Transformer(nn.Module):
                            encoder_segment_ids, decoder_segment_ids, enable_dropout)
 
 
-def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, src_len: int = 8, tgt_len: int = 8):
+def _boxed_init(config: ModelConfig, rng: jax.Array):
+    """Initial parameters, boxed with their logical axes (T5X's initialisers; shapes do not depend on the dummy
+    [1, 8] inputs). The one place the model is initialised: init_params and abstract_params are its two views."""
+    ones = jnp.ones((1, 8), jnp.int32)
+    return Transformer(config).init(rng, ones, ones)["params"]
+
+
+def init_params(config: ModelConfig, rng: jax.Array):
     """Initialise parameters (unboxed arrays) with T5X's initialisers."""
-    model = Transformer(config)
-    variables = model.init(rng, jnp.ones((batch, src_len), jnp.int32), jnp.ones((batch, tgt_len), jnp.int32))
-    return nn.meta.unbox(variables["params"])
+    return nn.meta.unbox(_boxed_init(config, rng))
 
 
 def abstract_params(config: ModelConfig):
     """Boxed (LogicallyPartitioned) ShapeDtypeStructs of the parameters, without allocating anything."""
-    model = Transformer(config)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32),
-                                               jnp.ones((1, 8), jnp.int32)))
-    return shapes["params"]
+    return jax.eval_shape(lambda: _boxed_init(config, jax.random.PRNGKey(0)))

@@ -53,10 +53,10 @@ from gqa_uptrain import sharding as sharding_lib
 from gqa_uptrain.checkpoint import Manifest
 from gqa_uptrain.config import ModelConfig
 from gqa_uptrain.model import Transformer, abstract_params, check_remat_policy
+from gqa_uptrain.seq2seq import NUM_REAL_TARGET_TOKENS, SUM_KEYS, EncoderDecoderModel, metrics_from_sums
 from gqa_uptrain.optim import (OptimizerConfig, check_range, learning_rate_schedule, make_optimizer,
                                opt_state_shardings)
 
-NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
 TRAIN_CONFIG_FILE = "train_config.json"
 ITERATOR_STATE = "data_iterators"  # checkpoint item with the tf.data iterator state, and its key in the `data` item
 BATCH_AXES = ("data", "fsdp")
@@ -255,9 +255,12 @@ def skip_reason(cfg: TrainConfig, data_state: Mapping[str, Any], process_count: 
 
 
 def eval_batches(cfg: TrainConfig) -> list[dict[str, np.ndarray]]:
-    """The first `eval_examples` examples of the eval split (unshuffled, fixed noise), in global batches of
-    `batch_size` padded with all-zero rows (zero loss weight). Every process holds all of them."""
-    ds = _converted_dataset(cfg, cfg.eval_split, False, 1, None, cfg.seed)
+    """The validation set: the first `eval_examples` examples of the eval split, unshuffled, with the
+    span-corruption noise drawn from `data.VALIDATION_SEED` (not the training seed), so every run, whatever its
+    SEED, and `gqa-uptrain eval` score the same examples. In global batches of `batch_size` padded with all-zero
+    rows (zero loss weight). Every process holds all of them."""
+    from gqa_uptrain.data import VALIDATION_SEED
+    ds = _converted_dataset(cfg, cfg.eval_split, False, 1, None, VALIDATION_SEED)
     rows = [_to_model_batch(ex) for ex in ds.take(cfg.eval_examples).as_numpy_iterator()]
     if not rows:
         raise ValueError(f"split {cfg.eval_split!r} of {cfg.mixture_or_task_name!r} has no examples")
@@ -273,42 +276,10 @@ def eval_batches(cfg: TrainConfig) -> list[dict[str, np.ndarray]]:
 # ------------------------------------------------------------------------------------------------------------ loss
 
 
-def _argmax_last_axis(x: jax.Array) -> jax.Array:
-    """[..., n] -> [...] int32: jnp.argmax(x, -1) for NaN-free x (the first index attaining the maximum), written as
-    a max and a min reduction: XLA:CPU's variadic (value, index) argmax reduction took ~5 ms on the
-    [16, 32, 4224] logits, several times the whole loss; the max is shared with logsumexp."""
-    m = jnp.max(x, axis=-1, keepdims=True)
-    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1)
-
-
-def _loss_sums(config: ModelConfig, params: Any, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None,
-               z_loss: float, remat_policy: str = "none") -> dict[str, jax.Array]:
-    """Sums over the target tokens of one (micro)batch: cross-entropy, z-loss, correct predictions, weight.
-
-    remat_policy only matters when this is differentiated (the training step); it never changes the values.
-    """
-    model = Transformer(config, remat_policy=remat_policy)
-    enable_dropout = dropout_rng is not None
-    logits = model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                         batch["decoder_target_tokens"], batch.get("encoder_segment_ids"),
-                         batch.get("decoder_segment_ids"), enable_dropout=enable_dropout,
-                         rngs={"dropout": dropout_rng} if enable_dropout else None)
-    targets = batch["decoder_target_tokens"]
-    weights = batch.get("decoder_loss_weights", (targets > 0).astype(jnp.int32)).astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)  # [b, t]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    ce = logz - target_logit
-    return {"cross_entropy": jnp.sum(ce * weights), "z_loss": jnp.sum(z_loss * jnp.square(logz) * weights),
-            "correct": jnp.sum((_argmax_last_axis(logits) == targets) * weights), "weight": jnp.sum(weights)}
-
-
-def _normalizer(cfg: TrainConfig, batch: Mapping[str, jax.Array]) -> jax.Array:
-    lnf = cfg.loss_normalizing_factor
-    if lnf == NUM_REAL_TARGET_TOKENS:
-        w = batch.get("decoder_loss_weights", (batch["decoder_target_tokens"] > 0).astype(jnp.int32))
-        return jnp.maximum(jnp.sum(w.astype(jnp.float32)), 1.0)
-    return jnp.asarray(float(lnf) if lnf is not None else float(cfg.batch_size * cfg.targets_length), jnp.float32)
+def seq2seq_model(model_config: ModelConfig, cfg: TrainConfig) -> EncoderDecoderModel:
+    """The model object whose loss_fn the training step differentiates and whose loss_sums the eval step reports."""
+    return EncoderDecoderModel(model_config, z_loss=cfg.z_loss, loss_normalizing_factor=cfg.loss_normalizing_factor,
+                               remat_policy=cfg.remat_policy)
 
 
 def _microbatches(batch: Mapping[str, jax.Array], m: int, mesh_axes: Any) -> dict[str, jax.Array]:
@@ -327,17 +298,12 @@ def make_train_step(model_config: ModelConfig, cfg: TrainConfig, optimizer: opta
     batch: dict of int32 [batch_size, length]; gradients are accumulated over `num_microbatches` with lax.scan.
     """
     m = cfg.num_microbatches
-    use_dropout = model_config.dropout_rate > 0
-
-    def loss_fn(params, mb, rng, normalizer):
-        sums = _loss_sums(model_config, params, mb, rng if use_dropout else None, cfg.z_loss, cfg.remat_policy)
-        return (sums["cross_entropy"] + sums["z_loss"]) / normalizer, sums
-
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    model = seq2seq_model(model_config, cfg)
+    grad_fn = jax.grad(model.loss_fn, has_aux=True)
 
     def step_fn(params, opt_state, step, batch):
         rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
-        normalizer = _normalizer(cfg, batch)
+        normalizer = model.normalizer(batch)
         mbs = _microbatches(batch, m, batch_mesh_axes)
 
         def body(carry, xs):
@@ -345,16 +311,12 @@ def make_train_step(model_config: ModelConfig, cfg: TrainConfig, optimizer: opta
             g, sums = grad_fn(params, mb, jax.random.fold_in(rng, i), normalizer)
             return jax.tree.map(jnp.add, carry, (g, sums)), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, params),
-                 {k: jnp.zeros((), jnp.float32) for k in ("cross_entropy", "z_loss", "correct", "weight")})
+        zeros = (jax.tree.map(jnp.zeros_like, params), {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
         (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(m), mbs))
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        w = jnp.maximum(sums["weight"], 1.0)
-        metrics = {"loss": sums["cross_entropy"] / w, "z_loss": sums["z_loss"] / w, "accuracy": sums["correct"] / w,
-                   "objective": (sums["cross_entropy"] + sums["z_loss"]) / normalizer,
-                   "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(step),
-                   "target_tokens": sums["weight"]}
+        metrics = {**metrics_from_sums(sums), "objective": (sums["cross_entropy"] + sums["z_loss"]) / normalizer,
+                   "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(step)}
         return params, opt_state, step + 1, metrics
 
     return step_fn
@@ -385,10 +347,9 @@ def jit_train_step(model_config: ModelConfig, cfg: TrainConfig, optimizer: optax
 
 
 def make_eval_step(model_config: ModelConfig, cfg: TrainConfig) -> Callable[[Any, dict], dict]:
-    # No cfg.remat_policy here: eval has no backward pass, so there is nothing to rematerialise.
-    def eval_fn(params, batch):
-        return _loss_sums(model_config, params, batch, None, cfg.z_loss)
-    return eval_fn
+    """(params, batch) -> the model's loss sums without dropout; not yet jitted."""
+    # No remat: eval has no backward pass, so there is nothing to rematerialise.
+    return dataclasses.replace(seq2seq_model(model_config, cfg), remat_policy="none").loss_sums
 
 
 # ------------------------------------------------------------------------------------------------------------ state

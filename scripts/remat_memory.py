@@ -62,9 +62,9 @@ def main(argv: list[str]) -> int:
         tcfg = train_lib.TrainConfig(model_dir="unused", train_steps=1, batch_size=b, inputs_length=li,
                                      targets_length=lt, remat_policy=policy)
 
-        def residual_leaves(p, tokens, policy=policy):
+        def residual_leaves(p, tokens, tcfg=tcfg):
             def loss(q):
-                sums = train_lib._loss_sums(cfg, q, tokens, None, tcfg.z_loss, policy)
+                sums = train_lib.seq2seq_model(cfg, tcfg).loss_sums(q, tokens)
                 return sums["cross_entropy"] + sums["z_loss"]
             return jax.tree.leaves(jax.vjp(loss, p)[1])
 

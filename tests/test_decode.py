@@ -8,6 +8,7 @@ import pytest
 
 from gqa_uptrain import decode
 from gqa_uptrain.model import Transformer, init_params
+from gqa_uptrain.seq2seq import score_sequences
 
 L = 8
 
@@ -173,7 +174,7 @@ def test_beam_one_equals_greedy(tiny_config, rng):
     out = decode.beam_search(cfg, params, enc, L, num_beams=1, alpha=0.0, eos_id=eos)
     np.testing.assert_array_equal(np.asarray(out.best), greedy)
     # The reported score is the sequence's own log-probability (alpha = 0).
-    logp = decode.score_sequences(cfg, params, enc, greedy)
+    logp = score_sequences(cfg, params, enc, greedy)
     want = np.asarray(jnp.sum(jnp.where(decode.sequence_mask(greedy, eos), logp, 0.0), axis=1))
     np.testing.assert_allclose(np.asarray(out.scores[:, 0]), want, rtol=1e-4, atol=1e-4)
 
@@ -186,7 +187,7 @@ def _exhaustive(cfg, params, enc, length, alpha):
             hyps.append(list(prefix) + [1] + [0] * (length - t - 1))
     hyps += [list(p) for p in itertools.product([0, 2, 3], repeat=length)]
     hyps = np.array(hyps, np.int32)
-    logp = decode.score_sequences(cfg, params, np.repeat(enc, len(hyps), axis=0), hyps)
+    logp = score_sequences(cfg, params, np.repeat(enc, len(hyps), axis=0), hyps)
     mask = decode.sequence_mask(hyps)
     total = np.asarray(jnp.sum(jnp.where(mask, logp, 0.0), axis=1))
     lengths = np.asarray(mask.sum(axis=1))
@@ -220,7 +221,7 @@ def test_score_sequences_matches_manual_log_softmax(tiny_config, rng):
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
         logits.max(-1, keepdims=True)
     want = np.take_along_axis(logp, tgt[:, :, None], -1)[..., 0]
-    np.testing.assert_allclose(np.asarray(decode.score_sequences(tiny_config, params, enc, tgt)), want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(score_sequences(tiny_config, params, enc, tgt)), want, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(decode.sequence_mask(tgt)),
                                   [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
 

@@ -121,7 +121,8 @@ def test_eval_cli_scores_own_predictions(tiny_checkpoint, tmp_path, capsys):
     """Evaluate on a file whose references are the model's own greedy outputs: EM = F1 = ROUGE = 100, and the
     reported loss equals the teacher-forced loss computed here."""
     from gqa_uptrain.data import bundled_vocabulary
-    from gqa_uptrain.decode import EOS_ID, Generator, pad_batch, score_sequences
+    from gqa_uptrain.decode import EOS_ID, Generator, pad_batch
+    from gqa_uptrain.seq2seq import score_sequences
     ckpt, cfg, params = tiny_checkpoint
     vocab = bundled_vocabulary()
     gen = Generator(cfg, params, vocab, max_decode_length=12)

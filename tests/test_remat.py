@@ -14,6 +14,7 @@ from gqa_uptrain.cli import main
 from gqa_uptrain.cli.inspect_cmd import activation_bytes_per_device
 from gqa_uptrain.config import ModelConfig
 from gqa_uptrain.model import REMAT_POLICIES, Transformer, check_remat_policy, init_params
+from gqa_uptrain.seq2seq import EncoderDecoderModel
 
 POLICIES = [p for p in REMAT_POLICIES if p != "none"]
 
@@ -31,8 +32,10 @@ def _batch(vocab: int, b: int = 3, src: int = 9, tgt: int = 6) -> dict[str, jax.
 
 
 def _loss_fn(cfg: ModelConfig, batch, policy: str, dropout_rng):
+    model = EncoderDecoderModel(cfg, z_loss=1e-4, remat_policy=policy)
+
     def loss(params):
-        sums = train_lib._loss_sums(cfg, params, batch, dropout_rng, 1e-4, policy)
+        sums = model.loss_sums(params, batch, dropout_rng)
         return sums["cross_entropy"] + sums["z_loss"]
     return loss
 

@@ -15,6 +15,7 @@ from gqa_uptrain.model import init_params
 from gqa_uptrain.optim import (OptimizerConfig, learning_rate_schedule, make_optimizer, opt_state_bytes_per_device,
                                opt_state_partition_specs)
 from gqa_uptrain import train as train_lib
+from gqa_uptrain.seq2seq import _argmax_last_axis
 from gqa_uptrain.train import TrainConfig
 
 # Smallest model that takes the bundled vocabulary's ids (4100 < 4224).
@@ -123,11 +124,12 @@ def _synthetic_batch(cfg, b=4, src=6, tgt=5, seed=0):
             "decoder_loss_weights": (tgt_tok > 0).astype(np.int32)}
 
 
-def test_loss_sums_match_numpy(tiny_config, rng):
+def test_eval_step_loss_sums_match_numpy(tiny_config, rng):
     from gqa_uptrain.model import Transformer
     params = init_params(tiny_config, rng)
     batch = _synthetic_batch(tiny_config)
-    sums = train_lib._loss_sums(tiny_config, params, batch, None, z_loss=1e-4)
+    cfg = TrainConfig(model_dir="x", train_steps=1, batch_size=4, targets_length=5, z_loss=1e-4)
+    sums = jax.jit(train_lib.make_eval_step(tiny_config, cfg))(params, batch)
     logits = np.asarray(Transformer(tiny_config).apply({"params": params}, batch["encoder_input_tokens"],
                                                        batch["decoder_input_tokens"], batch["decoder_target_tokens"]),
                         np.float64)
@@ -147,18 +149,19 @@ def test_argmax_last_axis_matches_jnp_argmax_including_ties():
     x = r.randint(0, 4, size=(3, 5, 17)).astype(np.float32)  # many ties: the first maximum must win
     x[0, 0] = 0.0
     x[1, 2, 16] = 9.0
-    got = jax.jit(train_lib._argmax_last_axis)(jnp.asarray(x))
+    got = jax.jit(_argmax_last_axis)(jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(got), x.argmax(-1))
 
 
-def test_loss_normalizing_factor_choices():
+def test_loss_normalizing_factor_choices(tiny_config):
     batch = {"decoder_target_tokens": jnp.array([[3, 4, 0], [5, 0, 0]]),
              "decoder_loss_weights": jnp.array([[1, 1, 0], [1, 0, 0]])}
     mk = lambda lnf: TrainConfig(model_dir="x", train_steps=1, batch_size=2, targets_length=3,  # noqa: E731
                                  loss_normalizing_factor=lnf)
-    assert float(train_lib._normalizer(mk(None), batch)) == 6.0        # batch_size * targets_length
-    assert float(train_lib._normalizer(mk(233472), batch)) == 233472.0
-    assert float(train_lib._normalizer(mk("NUM_REAL_TARGET_TOKENS"), batch)) == 3.0
+    norm = lambda lnf: float(train_lib.seq2seq_model(tiny_config, mk(lnf)).normalizer(batch))  # noqa: E731
+    assert norm(None) == 6.0        # batch_size * targets_length
+    assert norm(233472) == 233472.0
+    assert norm("NUM_REAL_TARGET_TOKENS") == 3.0
     with pytest.raises(ValueError, match="loss_normalizing_factor"):
         mk("MEAN")
 
@@ -276,7 +279,7 @@ def test_train_checkpoint_resume_and_uptrain_init(tmp_path):
     np.testing.assert_allclose(lrs, [1 / math.sqrt(4), 1 / math.sqrt(5)], rtol=1e-6)
     # The first step's loss is the loss of the restored (step-5) parameters on the first batch.
     first = next(train_lib.train_batches(ucfg, 0))
-    sums = train_lib._loss_sums(DATA_MODEL, load_params(run).params, first, None, 1e-4)
+    sums = train_lib.make_eval_step(DATA_MODEL, ucfg)(load_params(run).params, first)
     assert res3.metrics[0]["loss"] == pytest.approx(float(sums["cross_entropy"] / sums["weight"]), rel=1e-5)
 
 
@@ -326,3 +329,31 @@ def test_inspect_reports_adafactor_state_and_activations(capsys):
     a1 = activation_bytes_per_device(small, {"data": 2}, 64, 128, 32)
     assert activation_bytes_per_device(small, {"data": 4}, 64, 128, 32) == pytest.approx(a1 / 2)
     assert activation_bytes_per_device(small, {"data": 2}, 64, 128, 32, num_microbatches=4) == pytest.approx(a1 / 4)
+
+
+def test_validation_set_does_not_depend_on_the_training_seed(tmp_path):
+    """The eval examples (span-corruption noise included) are drawn from data.VALIDATION_SEED, not SEED."""
+    a = train_lib.eval_batches(_tc(tmp_path, seed=0))
+    b = train_lib.eval_batches(_tc(tmp_path, seed=7))
+    assert a[0].keys() == b[0].keys()
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_trainer_eval_loss_equals_eval_command(tmp_path):
+    """The loss the trainer logs at an eval step and the loss `gqa-uptrain eval` reports for the same parameters
+    and the same validation examples agree: one validation set, one loss (training seed 7 != VALIDATION_SEED)."""
+    from gqa_uptrain.cli import main
+    run = tmp_path / "run"
+    cfg = _tc(run, seed=7, train_steps=2, save_every=2, eval_every=2, eval_examples=6)
+    res = train_lib.train(DATA_MODEL, cfg)
+    logged = [r for r in res.eval_metrics if r["step"] == 2][0]
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(run), "--task", "gqa_span_corruption", "--num_examples", "6",
+                 "--max_input_length", str(cfg.inputs_length), "--max_target_length", str(cfg.targets_length),
+                 "--batch_size", "4", "--output", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["step"] == 2 and report["num_examples"] == 6
+    assert report["metrics"]["loss"] == pytest.approx(logged["loss"], rel=1e-5, abs=1e-6)
+    assert report["metrics"]["token_accuracy"] == pytest.approx(100 * logged["accuracy"], abs=1e-4)

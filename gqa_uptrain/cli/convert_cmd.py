@@ -187,33 +187,17 @@ def _token_batch(spec: str, config, args, split: str, n: int):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def _loss_fn(config):
-    import jax
-    import jax.numpy as jnp
-
-    from gqa_uptrain.model import Transformer
-
-    @jax.jit
-    def loss(params, enc, dec_in, tgt):
-        logits = Transformer(config).apply({"params": params}, enc, dec_in, tgt)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-        w = (tgt > 0).astype(jnp.float32)
-        return jnp.sum(nll * w), jnp.sum(w)
-    return loss
-
-
 def evaluate_loss(params, config, batch, batch_size: int = 16) -> float:
-    """Mean token cross-entropy of teacher-forced targets (padding excluded)."""
+    """Mean token cross-entropy of teacher-forced targets (padding excluded), from the model's loss
+    (`seq2seq.EncoderDecoderModel.evaluate`, as the trainer's eval and `gqa-uptrain eval` report it).
+    batch: (encoder tokens, decoder inputs, targets), each [n, length], scored batch_size rows at a time."""
     from flax import traverse_util
+
+    from gqa_uptrain.seq2seq import EncoderDecoderModel
     nested = traverse_util.unflatten_dict(params, sep="/") if any("/" in k for k in params) else params
-    fn = _loss_fn(config)
-    enc, dec_in, tgt = batch
-    tot = cnt = 0.0
-    for i in range(0, len(enc), batch_size):
-        s, c = fn(nested, enc[i:i + batch_size], dec_in[i:i + batch_size], tgt[i:i + batch_size])
-        tot, cnt = tot + float(s), cnt + float(c)
-    return tot / max(cnt, 1.0)
+    names = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
+    batches = [{k: v[i:i + batch_size] for k, v in zip(names, batch)} for i in range(0, len(batch[0]), batch_size)]
+    return EncoderDecoderModel(config).evaluate(nested, batches)["loss"]
 
 
 # ---------------------------------------------------------------------------------------------- run

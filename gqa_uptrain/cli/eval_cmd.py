@@ -106,7 +106,7 @@ def _examples(s: dict, vocab):
         raise ValueError(f"unknown task {s['task']!r}; registered: {', '.join(sorted(seqio.TaskRegistry.names()))}")
     raw = data.fixed_validation_examples(
         s["task"], {"inputs": s["max_input_length"], "targets": s["max_target_length"]},
-        -1 if s["num_examples"] is None else s["num_examples"], seed=0, split=s["split"])
+        -1 if s["num_examples"] is None else s["num_examples"], seed=data.VALIDATION_SEED, split=s["split"])
     def text(ex, key):
         if f"{key}_pretokenized" not in ex:  # e.g. span corruption: only the corrupted ids exist
             return vocab.decode(ex[key].tolist())
@@ -124,23 +124,16 @@ def _examples(s: dict, vocab):
 
 
 def _loss(config, params, examples, batch_size: int, quiet: bool) -> dict:
-    import numpy as np
+    """Teacher-forced loss through the model's loss (`seq2seq.EncoderDecoderModel.evaluate`), the numbers the
+    trainer's periodic eval reports for the same examples."""
     from tqdm import tqdm
 
-    from gqa_uptrain.decode import pad_batch, token_scores
     from gqa_uptrain.evaluate import loss_metrics
-    total, tokens, correct = 0.0, 0, 0
-    for start in tqdm(range(0, len(examples), batch_size), desc="loss", unit="batch", disable=quiet,
-                      file=sys.stderr):
-        batch = examples[start: start + batch_size]
-        enc = pad_batch([e["inputs"] for e in batch])
-        tgt = pad_batch([e["targets"] for e in batch])
-        logp, pred = token_scores(config, params, enc, tgt)
-        mask = tgt > 0
-        total += float(np.sum(np.where(mask, np.asarray(logp), 0.0)))
-        tokens += int(mask.sum())
-        correct += int(np.sum((np.asarray(pred) == tgt) & mask))
-    return loss_metrics(total, tokens, correct)
+    from gqa_uptrain.seq2seq import EncoderDecoderModel, batches_from_pairs
+    batches = batches_from_pairs([(e["inputs"], e["targets"]) for e in examples], batch_size)
+    sums = EncoderDecoderModel(config).evaluate_sums(params, tqdm(batches, desc="loss", unit="batch",
+                                                                  disable=quiet, file=sys.stderr))
+    return loss_metrics(-sums["cross_entropy"], int(sums["weight"]), int(sums["correct"]))
 
 
 def run(args: argparse.Namespace) -> int:
