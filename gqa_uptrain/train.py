@@ -26,10 +26,12 @@ shards p*k ... p*k+k-1 (k = shards / processes) and contributes their batches, c
 global batch. The global batch therefore depends on `num_data_shards`, not on how many processes read it, so a
 1-process run with num_data_shards=2 sees exactly what a 2-process run sees.
 
-Loss: T5X's weighted cross-entropy plus z-loss (z_loss * logsumexp(logits)^2), summed over target tokens and divided
-by `loss_normalizing_factor`: a constant (default: batch_size * targets_length, the Mesh TensorFlow / T5X fine-tuning
-convention, e.g. 2048*114 = 233472), or "NUM_REAL_TARGET_TOKENS" (the number of non-padding target tokens in the
-global batch). Reported `loss` is always the per-token mean cross-entropy so runs are comparable.
+Loss (`seq2seq.EncoderDecoderModel.loss_fn`): T5X's weighted cross-entropy plus z-loss (z_loss *
+logsumexp(logits)^2), summed over target tokens and divided by `loss_normalizing_factor`: a constant (default:
+batch_size * targets_length, the Mesh TensorFlow / T5X fine-tuning convention, e.g. 2048*114 = 233472), or
+"NUM_REAL_TARGET_TOKENS" (the number of non-padding target tokens in the global batch). Reported `loss` is always the
+per-token mean cross-entropy so runs are comparable. The periodic eval scores a fixed validation set (noise seed
+`data.VALIDATION_SEED`, not SEED) with the same model loss, so it prints what `gqa-uptrain eval` prints.
 """
 from __future__ import annotations
 

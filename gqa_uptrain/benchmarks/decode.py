@@ -118,9 +118,10 @@ def time_ours(cfg, batch: int, input_len: int, output_len: int, repeats: int, ba
     import numpy as np
 
     from gqa_uptrain import decode
-    from gqa_uptrain.model import Transformer, init_params
+    from gqa_uptrain.model import Transformer
+    from gqa_uptrain.seq2seq import EncoderDecoderModel
 
-    params = init_params(cfg, jax.random.PRNGKey(0))
+    params = EncoderDecoderModel(cfg).init(jax.random.PRNGKey(0))
     rng = np.random.RandomState(0)
     enc = jnp.asarray(rng.randint(2, min(cfg.vocab_size, 32000), (batch, input_len)), jnp.int32)
     model = Transformer(cfg)

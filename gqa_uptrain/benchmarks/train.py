@@ -132,8 +132,8 @@ def _worker(conn, side: str, config: dict, batch: dict, params: Any, warmup: int
             import jax
             import numpy as np
 
-            from gqa_uptrain.model import init_params
-            params = jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(0)))
+            from gqa_uptrain.seq2seq import EncoderDecoderModel
+            params = jax.tree.map(np.asarray, EncoderDecoderModel(cfg).init(jax.random.PRNGKey(0)))
             fn = ours_step(cfg, batch, params)
             info = {"jax": jax.__version__, "params": params}
         else:
