@@ -144,3 +144,19 @@ def test_model_is_a_static_jit_argument(tiny_config, rng):
     fn(a, params, x)
     fn(b, params, x)
     assert fn._cache_size() == 1
+
+
+def test_convert_compare_loss_is_the_model_loss(tiny_config, rng):
+    """`convert --compare`'s held-out loss (flat '/'-keyed parameters, scored 3 rows at a time) is the mean
+    cross-entropy over all non-padding targets, as the model's loss_sums give it for the whole set at once."""
+    from flax import traverse_util
+
+    from gqa_uptrain.cli.convert_cmd import evaluate_loss
+    model = EncoderDecoderModel(tiny_config)
+    params = model.init(rng)
+    batch = _batch(tiny_config, b=7, seed=2)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    got = evaluate_loss(flat, tiny_config, (batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                                            batch["decoder_target_tokens"]), batch_size=3)
+    sums = model.loss_sums(params, batch)
+    assert got == pytest.approx(float(sums["cross_entropy"] / sums["weight"]), rel=1e-5)
