@@ -51,6 +51,7 @@ class SweepConfig:
     # Pre-training steps of the source; None reads it from the source checkpoint's manifest.
     original_steps: int | None = None
     model_gin_file: str = "models/t5_1_1/tiny.gin"
+    convert_args: tuple[str, ...] = ()  # more `gqa-uptrain convert` flags, e.g. optimiser-state options
     train_gin_file: str = "runs/uptrain.gin"
     train_bindings: tuple[str, ...] = ()
     eval_task: str = "gqa_span_corruption"
@@ -127,7 +128,8 @@ def run_stages(cfg: SweepConfig, root: pathlib.Path, run: Run, original_steps: i
     converted = d / "converted"
     stages = [Stage("convert", _cli() + [
         "convert", "--source", cfg.source_checkpoint, "--num-kv-heads", str(run.kv_heads),
-        "--method", run.method, "--seed", str(run.seed), "--output", str(converted), "--overwrite"],
+        "--method", run.method, "--seed", str(run.seed), "--output", str(converted), "--overwrite",
+        *cfg.convert_args],
         converted / "config.json", d / "convert.log")]
     final = converted
     if run.alpha > 0:
@@ -196,6 +198,7 @@ def model_key(cfg: SweepConfig, run: Run, original_steps: int | None) -> str:
     """Content address of one run's model: every input that decides the converted and uptrained parameters.
     Two runs with the same key execute the same convert and train commands (up to their output paths)."""
     payload = {"source": str(pathlib.Path(cfg.source_checkpoint).absolute()), "run": dataclasses.asdict(run),
+               "convert": list(cfg.convert_args),
                "original_steps": original_steps if run.alpha > 0 else None,
                "train": [cfg.train_gin_file, list(cfg.train_bindings)] if run.alpha > 0 else None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -246,6 +249,14 @@ def plan_reuse(cfg: SweepConfig, root: pathlib.Path, runs: Sequence[Run], origin
                 files = [f for f, v in mine.items() if theirs.get(f) == v and (od / f).exists()]
                 plan[run.run_id] = (od.resolve(), files)
                 break
+    for g in cfg.num_kv_heads:  # decode benchmarks depend on the model shape and bench flags only
+        mine_b = root / "bench" / f"kv{g}"
+        for o, ocfg, _ in others:
+            ob = o / "bench" / f"kv{g}"
+            if not (mine_b / "done").exists() and (ob / "done").exists() and \
+                    (ocfg.model_gin_file, ocfg.bench_args) == (cfg.model_gin_file, cfg.bench_args):
+                plan[f"bench-kv{g}"] = (ob.resolve(), [])
+                break
     return plan
 
 
@@ -254,6 +265,12 @@ def apply_reuse(root: pathlib.Path, plan: dict[str, tuple[pathlib.Path, list[str
     the run looking unfinished (it is redone or re-linked on the next call), never half-linked as done."""
     import shutil
     for run_id, (od, files) in plan.items():
+        if run_id.startswith("bench-"):
+            dst = root / "bench" / run_id[len("bench-"):]
+            if dst.exists():  # an interrupted earlier attempt: redo it whole
+                shutil.rmtree(dst)
+            shutil.copytree(od, dst)
+            continue
         d = root / "runs" / run_id
         d.mkdir(parents=True, exist_ok=True)
         for f in files:
@@ -298,7 +315,7 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
             spec_path.write_text(json.dumps(spec, indent=2) + "\n")
         apply_reuse(root, plan)
         if plan:
-            log(f"sweep {root}: reused {len(plan)} finished runs from {', '.join(str(r) for r in reuse)}")
+            log(f"sweep {root}: reused {len(plan)} finished runs/benchmarks from {', '.join(str(r) for r in reuse)}")
     if launcher == "slurm":
         log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads)} decode benchmarks, as SLURM jobs")
         submit_slurm(root, jobs, dry_run=dry_run, log=log)
@@ -313,7 +330,7 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
                 od, files = plan[name]
                 log(f"[{name}] reuse: {od} (model{''.join(', ' + f for f in files)})")
             for s in stages:
-                done = s.done.exists() or (name in plan and (s.name in ("convert", "train") or
+                done = s.done.exists() or (name in plan and (s.name in ("convert", "train", "bench") or
                                                              s.done.name in plan[name][1]))
                 log(f"[{name}] {'done' if done else 'todo'}: {' '.join(s.argv[2:])}")
         return []

@@ -146,6 +146,9 @@ def test_reuse_links_identical_runs_and_recomputes_the_rest(tmp_path, monkeypatc
     _finished_run(g_root, "kv1-mean-a0-s0", 5.0, trained=False)
     _finished_run(g_root, "kv1-mean-a0.05-s0", 3.0, trained=True)
     _finished_run(g_root, "kv4-mean-a0.05-s0", 2.0, trained=True)
+    (g_root / "bench" / "kv1").mkdir(parents=True)
+    (g_root / "bench" / "kv1" / "decode_x.json").write_text("{}")
+    (g_root / "bench" / "kv1" / "done").write_text("t\n")
     # kv1-mean-a0.05-s1 is unfinished in groups (converted, not trained): it must be computed, not linked.
     (g_root / "runs" / "kv1-mean-a0.05-s1" / "converted").mkdir(parents=True)
     (g_root / "runs" / "kv1-mean-a0.05-s1" / "converted" / "config.json").write_text("{}")
@@ -155,7 +158,7 @@ def test_reuse_links_identical_runs_and_recomputes_the_rest(tmp_path, monkeypatc
     lines = []
     sweep.run_sweep(methods, tmp_path / "methods", dry_run=True, log=lines.append, reuse=[g_root])
     text = "\n".join(lines)
-    assert text.count("reuse:") == 2 and "[kv1-mean-a0.05-s0] reuse:" in text and "[kv1-mean-a0-s0] reuse:" in text
+    assert text.count("reuse:") == 3 and "[bench-kv1] reuse:" in text and "[kv1-mean-a0.05-s0] reuse:" in text and "[kv1-mean-a0-s0] reuse:" in text
     run0 = [ln.split(": ", 1)[0] + " " + ln.split(": ", 1)[1].split()[1] + (" docs" if "--split docs" in ln else "")
             for ln in lines if ln.startswith("[kv1-mean-a0.05-s0]") and "] reuse:" not in ln]
     assert run0 == ["[kv1-mean-a0.05-s0] done convert", "[kv1-mean-a0.05-s0] done train",
@@ -170,6 +173,8 @@ def test_reuse_links_identical_runs_and_recomputes_the_rest(tmp_path, monkeypatc
     assert (m / "kv1-mean-a0.05-s0" / "train").resolve() == (g_root / "runs" / "kv1-mean-a0.05-s0" / "train").resolve()
     assert json.loads((m / "kv1-mean-a0.05-s0" / "eval.json").read_text())["metrics"]["loss"] == 3.0
     assert not (m / "kv1-mean-a0.05-s1" / "train").exists()
+    assert (tmp_path / "methods" / "bench" / "kv1" / "decode_x.json").exists()
+    assert not any("bench" in r for r in ran)
     reused = {r for r in ran if "kv1-mean-a0.05-s0" in r or "kv1-mean-a0-s0" in r}
     # Only the new held-out eval runs for reused models; the groups root is untouched.
     assert reused == {"methods/runs/kv1-mean-a0.05-s0/eval_docs.json", "methods/runs/kv1-mean-a0-s0/eval_docs.json"}
@@ -179,4 +184,4 @@ def test_reuse_links_identical_runs_and_recomputes_the_rest(tmp_path, monkeypatc
     # Other train bindings (or another source) change the model key: nothing is reused.
     changed = dataclasses.replace(methods, train_bindings=("--gin.BATCH_SIZE=8",))
     plan = sweep.plan_reuse(changed, tmp_path / "other", expand_grid(changed, 4), 200, [g_root])
-    assert set(plan) == {"kv1-mean-a0-s0"}  # α = 0: no training, so the train settings do not matter
+    assert set(plan) == {"kv1-mean-a0-s0", "bench-kv1"}  # α = 0: no training, so train settings do not matter
