@@ -509,6 +509,16 @@ def _default_metric(rows: Sequence[dict[str, Any]]) -> str:
     return cands[0]
 
 
+def metric_label(metric: str) -> str:
+    """An axis label for a results.csv column: the loss columns in words and units, others as they are."""
+    for prefix, what in (("eval.", "validation"), ("downstream.", "downstream")):
+        if metric == f"{prefix}metrics.loss":
+            return f"{what} loss (nats/target token)"
+    if metric.startswith("eval_") and metric.endswith(".metrics.loss"):
+        return f"{metric[len('eval_'):-len('.metrics.loss')]} held-out loss (nats/target token)"
+    return metric
+
+
 def _time_per_sample(rows: Sequence[dict[str, Any]]) -> dict[int, float]:
     out = {}
     for r in rows:
@@ -543,7 +553,7 @@ def plot(rows, summary, metric: str, num_heads: int, root: pathlib.Path) -> list
                 ax.errorbar(tps[s["kv_heads"]], s["mean"], yerr=s["std"], fmt="o", capsize=3)
                 ax.annotate(attention_kind(s["kv_heads"], num_heads), (tps[s["kv_heads"]], s["mean"]),
                             textcoords="offset points", xytext=(5, 5))
-            ax.set(xlabel="time per sample (s)", ylabel=metric, title=f"quality vs time (α={top:g})")
+            ax.set(xlabel="time per sample (s)", ylabel=metric_label(metric), title=f"quality vs time (α={top:g})")
             save(fig, "quality_vs_time.png")
         fig, ax = plt.subplots(figsize=(5, 4))
         gs = sorted(tps)
@@ -563,7 +573,7 @@ def plot(rows, summary, metric: str, num_heads: int, root: pathlib.Path) -> list
                 ax.errorbar(xs, [sel[i]["mean"] for i in xs], yerr=[sel[i]["std"] for i in xs], fmt="o-",
                             capsize=3, label=f"{attention_kind(g, num_heads)} α={a:g}")
         ax.set_xticks(range(len(methods)), methods)
-        ax.set(ylabel=metric, title="conversion method")
+        ax.set(xlabel="conversion method", ylabel=metric_label(metric), title="conversion method")
         ax.legend(fontsize=7)
         save(fig, "methods.png")
     if len(alphas) > 1:
@@ -574,7 +584,7 @@ def plot(rows, summary, metric: str, num_heads: int, root: pathlib.Path) -> list
             if pts:
                 ax.errorbar([s["alpha"] for s in pts], [s["mean"] for s in pts], yerr=[s["std"] for s in pts],
                             fmt="o-", capsize=3, label=attention_kind(g, num_heads))
-        ax.set(xlabel="uptraining fraction α", ylabel=metric, title="quality vs uptraining")
+        ax.set(xlabel="uptraining fraction α", ylabel=metric_label(metric), title="quality vs uptraining")
         ax.legend()
         save(fig, "quality_vs_alpha.png")
     return written
