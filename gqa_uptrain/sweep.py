@@ -62,6 +62,7 @@ class SweepConfig:
     # a second held-out set so that no conclusion rests on one validation split.
     extra_eval_splits: tuple[str, ...] = ()
     bench_args: tuple[str, ...] = ("--batch", "8", "--input-len", "256", "--output-len", "32")
+    bench: bool = True  # False: no decode benchmarks (quality-only sweeps, quick tests)
     num_heads: int | None = None  # for labelling MHA/MQA; read from the source config when None
 
     def __post_init__(self) -> None:
@@ -190,7 +191,8 @@ def _source_info(path: str) -> tuple[int, int | None]:
 def sweep_jobs(cfg: SweepConfig, root: pathlib.Path, runs: Sequence[Run], original_steps: int | None
                ) -> list[tuple[str, list[Stage]]]:
     """The sweep's independent chains of stages: one decode benchmark per G, then one chain per run."""
-    jobs: list[tuple[str, list[Stage]]] = [(f"bench-kv{g}", [bench_stage(cfg, root, g)]) for g in cfg.num_kv_heads]
+    jobs: list[tuple[str, list[Stage]]] = [(f"bench-kv{g}", [bench_stage(cfg, root, g)])
+                                           for g in (cfg.num_kv_heads if cfg.bench else ())]
     return jobs + [(r.run_id, run_stages(cfg, root, r, original_steps)) for r in runs]
 
 
@@ -249,7 +251,7 @@ def plan_reuse(cfg: SweepConfig, root: pathlib.Path, runs: Sequence[Run], origin
                 files = [f for f, v in mine.items() if theirs.get(f) == v and (od / f).exists()]
                 plan[run.run_id] = (od.resolve(), files)
                 break
-    for g in cfg.num_kv_heads:  # decode benchmarks depend on the model shape and bench flags only
+    for g in cfg.num_kv_heads if cfg.bench else ():  # benchmarks depend on the model shape and bench flags only
         mine_b = root / "bench" / f"kv{g}"
         for o, ocfg, _ in others:
             ob = o / "bench" / f"kv{g}"
@@ -317,12 +319,12 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
         if plan:
             log(f"sweep {root}: reused {len(plan)} finished runs/benchmarks from {', '.join(str(r) for r in reuse)}")
     if launcher == "slurm":
-        log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads)} decode benchmarks, as SLURM jobs")
+        log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads) if cfg.bench else 0} decode benchmarks, as SLURM jobs")
         submit_slurm(root, jobs, dry_run=dry_run, log=log)
         return []
     if launcher != "local":
         raise ValueError(f"unknown launcher {launcher!r}: expected local or slurm")
-    log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads)} decode benchmarks, {parallel} at a time")
+    log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads) if cfg.bench else 0} decode benchmarks, {parallel} at a time")
     env = dict(os.environ)
     if dry_run:
         for name, stages in jobs:

@@ -109,7 +109,7 @@ def save(fig, path: pathlib.Path, written: list[pathlib.Path]) -> None:
 
 
 def plot_gaps_vs_alpha(series: dict[str, list[tuple[float, dict]]], title: str, path: pathlib.Path,
-                       written: list, log_x: bool = False, tol: float | None = None) -> None:
+                       written: list, log_x: bool = False, tol: float | None = None, symlog_y: bool = False) -> None:
     """Gap to the MHA control against α (α > 0 only: the conversion-only gaps are orders of magnitude larger and
     would flatten the differences this plot is about; they are in the tables), error bars = summed seed spreads."""
     plt = _plt()
@@ -124,6 +124,8 @@ def plot_gaps_vs_alpha(series: dict[str, list[tuple[float, dict]]], title: str, 
         ax.axhline(tol, color="grey", ls="--", lw=0.8, label=f"control + {tol:g} nats")
     if log_x:
         ax.set_xscale("log")
+    if symlog_y:  # linear within ±0.01 nats (the differences that matter), logarithmic beyond
+        ax.set_yscale("symlog", linthresh=TOL)
     ax.set(xlabel="uptraining fraction α (uptraining steps / pre-training steps)",
            ylabel=f"loss gap to MHA control ({UNIT})", title=title)
     ax.legend(fontsize=7)
@@ -364,7 +366,7 @@ def alpha_section(al: Sweep, assets: pathlib.Path, written: list) -> list[str]:
     for kv in sorted({c[0] for c in cells}):
         series = {meth: [(a, gap(s, (kv, meth, a), h)) for a in alphas] for (k, meth) in cells if k == kv}
         plot_gaps_vs_alpha(series, f"{name(kv, h)}: gap to MHA control vs α",
-                           assets / f"alpha_gap_kv{kv}.png", written, log_x=True, tol=TOL)
+                           assets / f"alpha_gap_kv{kv}.png", written, log_x=True, tol=TOL, symlog_y=True)
         L.append(f"\n![{name(kv, h)} gap vs α](reproduction/alpha_gap_kv{kv}.png)")
     return L
 

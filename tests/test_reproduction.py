@@ -179,7 +179,7 @@ SweepConfig.methods = ('mean', 'svd')
 SweepConfig.alphas = (0.1,)
 SweepConfig.eval_args = ('--num_examples', '4', '--max_input_length', '32', '--max_target_length', '8',
                          '--batch_size', '4', '--quiet')
-SweepConfig.bench_args = ('--batch', '1', '--input-len', '8', '--output-len', '2', '--repeats', '1')
+SweepConfig.bench = False
 SweepConfig.train_bindings = ('--gin.BATCH_SIZE=2', '--gin.INPUTS_LENGTH=32', '--gin.TARGETS_LENGTH=8',
                               '--gin.EVAL_EVERY=1000000', '--gin.SAVE_EVERY=1000000', '--no_progress')
 """
@@ -194,7 +194,7 @@ def test_reproduce_paper_toy_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "SEEDS": "0", "PRETRAIN_STEPS": "20",
            "SAVE_EVERY": "10", "EVAL_EVERY": "5", "FT_STEPS": "2", "FT_BATCH": "2", "FT_EVAL_EXAMPLES": "4",
            "FT_ALPHA": "0.1", "FT_MODELS": "kv8-mean,kv1-svd", "SWEEP_GIN": str(gin), "FLAT_NATS": "1000",
-           "TRAIN_ARGS": "--gin.EVAL_EXAMPLES=4", "REPORT_OUT": str(tmp_path / "docs" / "reproduction.md"),
+           "TRAIN_ARGS": "--gin.EVAL_EXAMPLES=4 --gin.BATCH_SIZE=2 --gin.INPUTS_LENGTH=32 --gin.TARGETS_LENGTH=8", "REPORT_OUT": str(tmp_path / "docs" / "reproduction.md"),
            "PYTHON": sys.executable}
     root = tmp_path / "root"
     r = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_paper.sh"), str(root)], env=env,

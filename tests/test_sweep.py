@@ -185,3 +185,12 @@ def test_reuse_links_identical_runs_and_recomputes_the_rest(tmp_path, monkeypatc
     changed = dataclasses.replace(methods, train_bindings=("--gin.BATCH_SIZE=8",))
     plan = sweep.plan_reuse(changed, tmp_path / "other", expand_grid(changed, 4), 200, [g_root])
     assert set(plan) == {"kv1-mean-a0-s0", "bench-kv1"}  # α = 0: no training, so train settings do not matter
+
+
+def test_bench_false_plans_no_decode_benchmarks(tmp_path):
+    src = _tiny_source(tmp_path)
+    lines = []
+    sweep.run_sweep(SweepConfig(source_checkpoint=str(src), num_kv_heads=(1, 4), alphas=(0.0,), bench=False),
+                    tmp_path / "sw", dry_run=True, log=lines.append)
+    assert not any(ln.startswith("[bench-") for ln in lines) and "0 decode benchmarks" in lines[0]
+    assert sum("gqa_uptrain convert" in ln for ln in lines) == 2
