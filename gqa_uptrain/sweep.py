@@ -319,12 +319,13 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
         if plan:
             log(f"sweep {root}: reused {len(plan)} finished runs/benchmarks from {', '.join(str(r) for r in reuse)}")
     if launcher == "slurm":
-        log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads) if cfg.bench else 0} decode benchmarks, as SLURM jobs")
+        log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads) if cfg.bench else 0} benchmarks, as SLURM jobs")
         submit_slurm(root, jobs, dry_run=dry_run, log=log)
         return []
     if launcher != "local":
         raise ValueError(f"unknown launcher {launcher!r}: expected local or slurm")
-    log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads) if cfg.bench else 0} decode benchmarks, {parallel} at a time")
+    n_bench = len(cfg.num_kv_heads) if cfg.bench else 0
+    log(f"sweep {root}: {len(runs)} runs, {n_bench} decode benchmarks, {parallel} at a time")
     env = dict(os.environ)
     if dry_run:
         for name, stages in jobs:

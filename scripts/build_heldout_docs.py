@@ -29,7 +29,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from build_corpus import write_gz_lines  # noqa: E402  (same byte-reproducible gzip writer)
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "gqa_uptrain" / "assets" / "heldout" / "python_docs.txt.gz"
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "gqa_uptrain" / "assets" / "heldout" / \
+    "python_docs.txt.gz"
 _HEADING_RULE = re.compile(r"^[*=\-~^]{3,}$")
 
 

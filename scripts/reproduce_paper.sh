@@ -4,7 +4,8 @@
 #   pretrain   a tiny MHA T5.1.1 (8 heads) trained PRETRAIN_STEPS with eval every EVAL_EVERY and a checkpoint every
 #              SAVE_EVERY (all kept), or ORIGINAL=<an existing such MODEL_DIR> (read only, never modified)
 #   original   pick the original's length from its validation curve (first saved step where the eval loss improves
-#              by < FLAT_NATS per 1000 steps; ORIGINAL_STEPS=N overrides) and copy that step to ROOT/mha_original
+#              by < FLAT_NATS per 1000 steps over the next LENGTH_WINDOW steps; ORIGINAL_STEPS=N overrides) and
+#              copy that step to ROOT/mha_original
 #              (rsqrt schedule, 10k warm-up: constant LR, so step N of a long run = a run of length N)
 #   groups     KV groups {1, 2, 8} x α {0, 0.05, 0.1} x SEEDS, mean pooling (G = 8 is the MHA control)
 #   methods    conversion methods {mean, first, random, align, svd} for MQA x α {0, 0.05} x SEEDS
@@ -19,8 +20,10 @@
 #
 # Usage: scripts/reproduce_paper.sh [ROOT (default runs/reproduction)]
 # Environment (defaults): SEEDS="0 1 2"  PRETRAIN_SEED=0  PRETRAIN_STEPS=8000  SAVE_EVERY=500  EVAL_EVERY=250
-#   ORIGINAL=<MODEL_DIR>  ORIGINAL_STEPS=<N>  FLAT_NATS=0.02  FT_ALPHA=0.05  FT_STEPS=300  FT_BATCH=16
-#   FT_EVAL_EXAMPLES=200  FT_MODELS=kv8-mean,kv2-mean,kv2-svd,kv1-mean,kv1-svd  STAGES="pretrain original groups methods alpha finetune restart report"
+#   ORIGINAL=<MODEL_DIR>  ORIGINAL_STEPS=<N>  FLAT_NATS=0.02  LENGTH_WINDOW=1000
+#   FT_ALPHA=0.05  FT_STEPS=300  FT_BATCH=16
+#   FT_EVAL_EXAMPLES=200  FT_MODELS=kv8-mean,kv2-mean,kv2-svd,kv1-mean,kv1-svd
+#   STAGES="pretrain original groups methods alpha finetune restart report"
 #   REPORT_OUT=docs/reproduction.md  PARALLEL=1
 #   SWEEP_GIN: a gin file read after each sweep's own (e.g. smaller grids or eval sizes); SWEEP_ARGS / TRAIN_ARGS:
 #   extra flags (no spaces inside one) for every sweep / for pre-training and fine-tuning
@@ -35,6 +38,7 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-8000}
 SAVE_EVERY=${SAVE_EVERY:-500}
 EVAL_EVERY=${EVAL_EVERY:-250}
 FLAT_NATS=${FLAT_NATS:-0.02}
+LENGTH_WINDOW=${LENGTH_WINDOW:-1000}
 FT_ALPHA=${FT_ALPHA:-0.05}
 FT_STEPS=${FT_STEPS:-300}
 FT_BATCH=${FT_BATCH:-16}
@@ -91,8 +95,8 @@ if has_stage original && [ ! -f "$SRC/original.json" ]; then
     echo "error: $ORIGINAL has not finished (no checkpoint at its last step $final); wait for it or resume it" >&2
     exit 1
   fi
-  "$PY" scripts/reproduction_stages.py pick-length "$ORIGINAL" --flat "$FLAT_NATS" --output "$ROOT/length.json" \
-    >/dev/null
+  "$PY" scripts/reproduction_stages.py pick-length "$ORIGINAL" --flat "$FLAT_NATS" --window "$LENGTH_WINDOW" \
+    --output "$ROOT/length.json" >/dev/null
   STEP=${ORIGINAL_STEPS:-$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" \
                            "$ROOT/length.json")}
   timed original "$PY" scripts/reproduction_stages.py original "$ORIGINAL" "$STEP" "$SRC"
@@ -101,7 +105,8 @@ fi
 sweep() {  # sweep NAME GIN_FILE [--reuse OTHER ...]
   local name=$1 gin=$2; shift 2
   timed "$name" "${GQA[@]}" sweep --gin_file="$gin" ${SWEEP_GIN:+--gin_file="$SWEEP_GIN"} \
-    --gin.SOURCE_CHECKPOINT="$SRC" --gin.SEEDS="$SEEDS_GIN" --root "$ROOT/$name" --parallel "$PARALLEL" "$@" "${SWEEP_EXTRA[@]}"
+    --gin.SOURCE_CHECKPOINT="$SRC" --gin.SEEDS="$SEEDS_GIN" --root "$ROOT/$name" --parallel "$PARALLEL" "$@" \
+    "${SWEEP_EXTRA[@]}"
 }
 has_stage groups && sweep groups sweeps/repro_groups.gin
 has_stage methods && sweep methods sweeps/repro_methods.gin --reuse "$ROOT/groups"

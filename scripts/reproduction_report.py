@@ -157,7 +157,8 @@ def setup_section(root: pathlib.Path, original: pathlib.Path | None, sweeps: lis
         L.append(f"- **Original checkpoint:** T5.1.1 architecture at toy width (d_model {cfg['d_model']}, "
                  f"{cfg['num_heads']} heads × {cfg['head_dim']}, d_ff {cfg['d_ff']}, {cfg['num_encoder_layers']}+"
                  f"{cfg['num_decoder_layers']} layers, vocab {cfg['vocab_size']}), pre-trained from scratch with seed "
-                 f"{pre.get('seed', '?')} on span corruption of the bundled corpus (batch {pre.get('batch_size', '?')}, "
+                 f"{pre.get('seed', '?')} on span corruption of the bundled corpus "
+                 f"(batch {pre.get('batch_size', '?')}, "
                  f"inputs {pre.get('inputs_length', '?')} / targets {pre.get('targets_length', '?')} tokens, "
                  f"Adafactor, rsqrt schedule); step {prov.get('step', '?')} of a run of "
                  f"{pre.get('resolved_train_steps', '?')} steps is the original (length chosen below).")
@@ -330,7 +331,7 @@ def alpha_section(al: Sweep, assets: pathlib.Path, written: list) -> list[str]:
     cells = sorted({(k[0], k[1]) for k in s if k[0] != h}, key=lambda c: (c[0], METHOD_ORDER.index(c[1])
                                                                             if c[1] in METHOD_ORDER else 99))
     L = ["", "## How much uptraining does each method need? (validation split)", "",
-         f"Gap to the MHA control at the same α (± summed seed spreads), and the smallest α at which the mean gap is "
+         "Gap to the MHA control at the same α (± summed seed spreads), and the smallest α at which the mean gap is "
          f"at most {TOL:g} nats ('never' if no α in the grid reaches it).", "",
          "| model | method | " + " | ".join(f"α={a:g}" for a in alphas) + f" | smallest α within {TOL:g} |",
          "|---|---|" + "---|" * (len(alphas) + 1)]
@@ -480,8 +481,8 @@ def finetune_section(root: pathlib.Path, g: Sweep | None, al: Sweep | None, asse
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = range(len(models))
-    ax.errorbar(list(xs), [stats[m]["rougeL"]["mean"] for m in models], yerr=[stats[m]["rougeL"]["std"] for m in models],
-                fmt="o", capsize=3)
+    ax.errorbar(list(xs), [stats[m]["rougeL"]["mean"] for m in models],
+                yerr=[stats[m]["rougeL"]["std"] for m in models], fmt="o", capsize=3)
     ax.set_xticks(list(xs), [label[m] for m in models], rotation=20)
     ax.set(ylabel="ROUGE-L F-measure (0-100)", title="after fine-tuning on WordNet glosses")
     save(fig, assets / "finetune_rougeL.png", written)

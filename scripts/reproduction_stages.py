@@ -19,7 +19,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import time
 
@@ -30,25 +29,17 @@ WINDOW = 1000
 # ------------------------------------------------------------------------------------------------ machine
 
 def machine_info() -> dict:
-    """CPU model, logical cores and RAM of this machine (lscpu and /proc/meminfo; 'unknown' where missing)."""
-    info = {"cpu": "unknown", "cores": os.cpu_count(), "ram_gib": None}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    """CPU model, logical cores, RAM and JAX platforms of this machine (the decode benchmark's description, which
+    reads lscpu, plus /proc/meminfo); 'unknown' where missing."""
+    from gqa_uptrain.benchmarks.decode import machine_description
+    d = machine_description()
+    info = {"cpu": d.get("cpu_model", "unknown"), "cores": d["cpus"], "ram_gib": None,
+            "accelerators": sorted({x.split(":")[0].split("(")[0].strip() for x in d.get("jax_devices", [])})}
     try:
         for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 info["ram_gib"] = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
-        pass
-    try:
-        import jax
-        info["accelerators"] = sorted({d.platform for d in jax.devices()})
-    except Exception:  # noqa: BLE001 - the record is informative; a missing jax must not stop the script
         pass
     return info
 

@@ -194,13 +194,14 @@ def test_reproduce_paper_toy_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "SEEDS": "0", "PRETRAIN_STEPS": "20",
            "SAVE_EVERY": "10", "EVAL_EVERY": "5", "FT_STEPS": "2", "FT_BATCH": "2", "FT_EVAL_EXAMPLES": "4",
            "FT_ALPHA": "0.1", "FT_MODELS": "kv8-mean,kv1-svd", "SWEEP_GIN": str(gin), "FLAT_NATS": "1000",
-           "TRAIN_ARGS": "--gin.EVAL_EXAMPLES=4 --gin.BATCH_SIZE=2 --gin.INPUTS_LENGTH=32 --gin.TARGETS_LENGTH=8", "REPORT_OUT": str(tmp_path / "docs" / "reproduction.md"),
+           "LENGTH_WINDOW": "10", "REPORT_OUT": str(tmp_path / "docs" / "reproduction.md"),
+           "TRAIN_ARGS": "--gin.EVAL_EXAMPLES=4 --gin.BATCH_SIZE=2 --gin.INPUTS_LENGTH=32 --gin.TARGETS_LENGTH=8",
            "PYTHON": sys.executable}
     root = tmp_path / "root"
     r = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_paper.sh"), str(root)], env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # FLAT_NATS huge: the first step whose window is covered is flat -> step 10 is the original.
+    # FLAT_NATS huge: the first saved step whose 10-step window (evals at 10, 15, 20) is covered is "flat".
     assert json.loads((root / "mha_original" / "original.json").read_text())["step"] == 10
     assert (root / "pretrain" / "checkpoints" / "20").is_dir() and (root / "pretrain" / "checkpoints" / "10").is_dir()
     # methods and alpha reuse what groups finished (same model inputs), linked not recomputed.
