@@ -25,6 +25,7 @@
 #   FT_EVAL_EXAMPLES=200  FT_MODELS=kv8-mean,kv2-mean,kv2-svd,kv1-mean,kv1-svd
 #   STAGES="pretrain original groups methods alpha finetune restart report"
 #   REPORT_OUT=docs/reproduction.md  PARALLEL=1
+#   OTHER_ROOT=<ROOT of the same stages from another PRETRAIN_SEED>: the report checks each conclusion against it
 #   SWEEP_GIN: a gin file read after each sweep's own (e.g. smaller grids or eval sizes); SWEEP_ARGS / TRAIN_ARGS:
 #   extra flags (no spaces inside one) for every sweep / for pre-training and fine-tuning
 # Example: the original already trained elsewhere, two seeds:
@@ -135,5 +136,6 @@ sys.exit('restart_warmup_steps' not in {f.name for f in dataclasses.fields(Optim
 fi
 
 if has_stage report; then
-  "$PY" scripts/reproduction_report.py "$ROOT" --out "$REPORT_OUT" --original "$ORIGINAL"
+  "$PY" scripts/reproduction_report.py "$ROOT" --out "$REPORT_OUT" --original "$ORIGINAL" \
+    ${OTHER_ROOT:+--other_root "$OTHER_ROOT"}
 fi

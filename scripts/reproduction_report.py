@@ -372,36 +372,60 @@ def alpha_section(al: Sweep, assets: pathlib.Path, written: list) -> list[str]:
     return L
 
 
-def heldout_section(sweeps: list[Sweep]) -> list[str]:
-    """Does each real difference on the validation split have the same sign on the second held-out set?"""
+def agreement(a_sum: dict, b_sum: dict, h: int, tag: str) -> tuple[int, int, int, list[str]]:
+    """Pairs of settings at the same α whose losses differ beyond the spread in `a_sum`: (how many, how many have
+    the same order in `b_sum`, how many are real there too, the ones that reverse beyond the spread there)."""
     pairs = agree = real_both = 0
     flips = []
-    for sw in sweeps:
-        sv, sd = sw.summary(VAL), sw.summary(DOCS)
-        keys = sorted(k for k in sv if k in sd)
-        for i, a in enumerate(keys):
-            for b in keys[i + 1:]:
-                if a[2] != b[2]:
-                    continue  # compare settings at the same α
-                cv = compare(sv[a], sv[b])
-                if cv == "≈":
-                    continue
-                pairs += 1
-                cd = compare(sd[a], sd[b])
-                if (sd[a]["mean"] < sd[b]["mean"]) == (cv == "<"):
-                    agree += 1
-                if cd == cv:
-                    real_both += 1
-                elif cd != "≈":
-                    flips.append(f"{sw.name}: {name(a[0], sw.num_heads)} {a[1]} vs {name(b[0], sw.num_heads)} {b[1]} "
-                                 f"at α={a[2]:g}")
+    keys = sorted(k for k in a_sum if k in b_sum)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            if a[2] != b[2]:
+                continue
+            ca = compare(a_sum[a], a_sum[b])
+            if ca == "≈":
+                continue
+            pairs += 1
+            cb = compare(b_sum[a], b_sum[b])
+            agree += (b_sum[a]["mean"] < b_sum[b]["mean"]) == (ca == "<")
+            if cb == ca:
+                real_both += 1
+            elif cb != "≈":
+                flips.append(f"{tag}: {name(a[0], h)} {a[1]} vs {name(b[0], h)} {b[1]} at α={a[2]:g}")
+    return pairs, agree, real_both, flips
+
+
+def agreement_section(title: str, what: str, pairs_of: list[tuple[dict, dict, int, str]]) -> list[str]:
+    pairs = agree = real_both = 0
+    flips: list[str] = []
+    for a_sum, b_sum, h, tag in pairs_of:
+        n, g, r, f = agreement(a_sum, b_sum, h, tag)
+        pairs, agree, real_both, flips = pairs + n, agree + g, real_both + r, flips + f
     if not pairs:
         return []
-    L = ["", "## Second held-out set (python_docs)", "",
-         f"Of the {pairs} pairs of settings (same sweep, same α) whose validation-split losses differ beyond the "
-         f"spread, {agree} have the same order on python_docs and {real_both} are also real there; "
-         f"{len(flips)} reverse beyond the spread" + (": " + "; ".join(flips[:10]) + "." if flips else ".")]
-    return L
+    return ["", f"## {title}", "",
+            f"Of the {pairs} pairs of settings (same sweep, same α) whose validation-split losses differ beyond the "
+            f"spread, {agree} have the same order {what} and {real_both} are also real there; {len(flips)} reverse "
+            "beyond the spread" + (": " + "; ".join(flips[:10]) + "." if flips else ".")]
+
+
+def heldout_section(sweeps: list[Sweep]) -> list[str]:
+    """Does each real difference on the validation split have the same sign on the second held-out set?"""
+    return agreement_section("Second held-out set (python_docs)", "on python_docs",
+                             [(sw.summary(VAL), sw.summary(DOCS), sw.num_heads, sw.name) for sw in sweeps])
+
+
+def other_seed_section(sweeps: list[Sweep], other_root: pathlib.Path) -> list[str]:
+    """Do the conclusions survive a different pre-training seed (the same stages run under another ROOT)?"""
+    pairs_of = []
+    for sw in sweeps:
+        o = load_sweep(other_root, sw.name)
+        if o is not None:
+            pairs_of.append((sw.summary(VAL), o.summary(VAL), sw.num_heads, sw.name))
+    seed = json.loads((other_root / "mha_original" / "train_config.json").read_text()).get("seed", "?") \
+        if (other_root / "mha_original" / "train_config.json").exists() else "?"
+    return agreement_section(f"Another pre-training seed ({seed}, `{other_root}`)",
+                             "with the other original", pairs_of)
 
 
 def finetune_section(root: pathlib.Path, g: Sweep | None, al: Sweep | None, assets: pathlib.Path,
@@ -576,6 +600,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("root", type=pathlib.Path, help="the ROOT given to scripts/reproduce_paper.sh")
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("docs/reproduction.md"))
+    ap.add_argument("--other_root", type=pathlib.Path, default=None,
+                    help="the ROOT of the same stages from an original with another pre-training seed: check that "
+                         "each real difference keeps its order there")
     ap.add_argument("--original", type=pathlib.Path, default=None,
                     help="the long pre-training MODEL_DIR (default: read from ROOT/mha_original/original.json)")
     args = ap.parse_args(argv)
@@ -608,6 +635,8 @@ def main(argv: list[str] | None = None) -> None:
     if al is not None:
         L += alpha_section(al, assets, written)
     L += heldout_section(sweeps)
+    if args.other_root is not None:
+        L += other_seed_section(sweeps, args.other_root)
     L += finetune_section(root, g, al, assets, written)
     L += restart_section(arms, assets, written)
     L += gap_plots(g, m, assets, written)

@@ -223,3 +223,18 @@ def test_reproduce_paper_toy_end_to_end(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (root / "pretrain" / "metrics.jsonl").stat().st_mtime == before
+
+
+def test_report_checks_conclusions_against_another_pretraining_seed(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    root, other = _synthetic_root(tmp_path / "a"), _synthetic_root(tmp_path / "b")
+    for s in (3, 5):  # in the other root GQA-2 is worse than MQA after uptraining: one reversal
+        f = other / "groups" / "runs" / f"kv2-mean-a0.05-s{s}" / "eval.json"
+        f.write_text(json.dumps({"num_examples": 64, "metrics": {"loss": 4.5 + 0.01 * (s == 5)}}))
+    out = tmp_path / "docs" / "reproduction.md"
+    report.main([str(root), "--out", str(out), "--other_root", str(other)])
+    md = out.read_text()
+    sec = md.split("## Another pre-training seed (7")[1].split("##")[0]
+    assert "14 have the same order with the other original" in sec
+    assert "1 reverse beyond the spread: groups: MQA mean vs GQA-2 mean at α=0.05." in sec
