@@ -128,7 +128,8 @@ sys.exit('restart_warmup_steps' not in {f.name for f in dataclasses.fields(Optim
   else
     echo "restart: OptimizerConfig.restart_warmup_steps not found; warm-up arm skipped"
   fi
-  if "${GQA[@]}" convert --help 2>/dev/null | grep -q -- "--carry-optimizer-state"; then
+  convert_help=$("${GQA[@]}" convert --help 2>/dev/null || true)  # not piped into grep -q: pipefail + SIGPIPE
+  if [[ "$convert_help" == *"--carry-optimizer-state"* ]]; then
     sweep restart_carry sweeps/repro_restart_carry.gin --reuse "$ROOT/groups"
   else
     echo "restart: convert has no --carry-optimizer-state; carried-state arm skipped"
