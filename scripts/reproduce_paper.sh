@@ -31,8 +31,15 @@
 # Example: the original already trained elsewhere, two seeds:
 #   ORIGINAL=/work/runs/pre_s0 SEEDS="0 1" scripts/reproduce_paper.sh runs/repro_s0
 set -euo pipefail
+CALLER=$PWD
 cd "$(dirname "$0")/.."
-ROOT=${1:-runs/reproduction}
+# Paths given by the caller are relative to where they ran the script; the defaults to the repository.
+from_caller() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }
+ROOT=$( [ -n "${1:-}" ] && from_caller "$1" || echo runs/reproduction )
+[ -n "${ORIGINAL:-}" ] && ORIGINAL=$(from_caller "$ORIGINAL")
+[ -n "${OTHER_ROOT:-}" ] && OTHER_ROOT=$(from_caller "$OTHER_ROOT")
+[ -n "${SWEEP_GIN:-}" ] && SWEEP_GIN=$(from_caller "$SWEEP_GIN")
+[ -n "${REPORT_OUT:-}" ] && REPORT_OUT=$(from_caller "$REPORT_OUT")
 SEEDS=${SEEDS:-0 1 2}
 PRETRAIN_SEED=${PRETRAIN_SEED:-0}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-8000}

@@ -175,7 +175,7 @@ def test_sweep_plots_name_their_axes():
 
 TOY_GIN = """
 SweepConfig.num_kv_heads = (1, 8)
-SweepConfig.methods = ('mean', 'svd')
+SweepConfig.methods = ('mean',)
 SweepConfig.alphas = (0.1,)
 SweepConfig.eval_args = ('--num_examples', '4', '--max_input_length', '32', '--max_target_length', '8',
                          '--batch_size', '4', '--quiet')
@@ -188,41 +188,43 @@ SweepConfig.train_bindings = ('--gin.BATCH_SIZE=2', '--gin.INPUTS_LENGTH=32', '-
 @pytest.mark.slow
 def test_reproduce_paper_toy_end_to_end(tmp_path):
     """Every stage of scripts/reproduce_paper.sh at toy size: pre-training with periodic eval and checkpoints,
-    the length pick, groups -> methods -> alpha with reuse, fine-tuning, the restart slot, the report."""
+    the length pick, groups -> methods -> alpha with reuse, fine-tuning, the restart slot, the report. About 25
+    subprocesses: ~4 min on an idle 2-core machine, far longer on a loaded one."""
     gin = tmp_path / "toy.gin"
     gin.write_text(TOY_GIN)
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "SEEDS": "0", "PRETRAIN_STEPS": "20",
            "SAVE_EVERY": "10", "EVAL_EVERY": "5", "FT_STEPS": "2", "FT_BATCH": "2", "FT_EVAL_EXAMPLES": "4",
-           "FT_ALPHA": "0.1", "FT_MODELS": "kv8-mean,kv1-svd", "SWEEP_GIN": str(gin), "FLAT_NATS": "1000",
+           "FT_ALPHA": "0.1", "FT_MODELS": "kv8-mean,kv1-mean", "SWEEP_GIN": str(gin), "FLAT_NATS": "1000",
            "LENGTH_WINDOW": "10", "REPORT_OUT": str(tmp_path / "docs" / "reproduction.md"),
            "TRAIN_ARGS": "--gin.EVAL_EXAMPLES=4 --gin.BATCH_SIZE=2 --gin.INPUTS_LENGTH=32 --gin.TARGETS_LENGTH=8",
            "PYTHON": sys.executable}
     root = tmp_path / "root"
     r = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_paper.sh"), str(root)], env=env,
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=3000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # FLAT_NATS huge: the first saved step whose 10-step window (evals at 10, 15, 20) is covered is "flat".
     assert json.loads((root / "mha_original" / "original.json").read_text())["step"] == 10
     assert (root / "pretrain" / "checkpoints" / "20").is_dir() and (root / "pretrain" / "checkpoints" / "10").is_dir()
     # methods and alpha reuse what groups finished (same model inputs), linked not recomputed.
     assert (root / "methods" / "runs" / "kv1-mean-a0.1-s0" / "reused_from").exists()
-    assert (root / "alpha" / "runs" / "kv1-svd-a0.1-s0" / "train").is_symlink()
+    assert (root / "alpha" / "runs" / "kv1-mean-a0.1-s0" / "train").is_symlink()
     assert json.loads((root / "alpha" / "runs" / "kv8-mean-a0.1-s0" / "eval_python_docs.json").read_text())[
         "split"] == "python_docs"
-    ft = json.loads((root / "finetune" / "runs" / "kv1-svd-s0" / "eval.json").read_text())["metrics"]
+    ft = json.loads((root / "finetune" / "runs" / "kv1-mean-s0" / "eval.json").read_text())["metrics"]
     assert {"rouge1", "rouge2", "rougeL", "bleu"} <= set(ft)
     seconds = json.loads((root / "stage_seconds.json").read_text())
     assert {"pretrain", "groups", "methods", "alpha", "finetune"} <= set(seconds)
     md = (tmp_path / "docs" / "reproduction.md").read_text()
     assert "**Seeds:** 0 (read from the runs)" in md and "## After fine-tuning" in md
     assert "## How much uptraining does each method need?" in md
-    # Re-running resumes: every stage is done, nothing is recomputed (the pre-training is not touched).
-    before = (root / "pretrain" / "metrics.jsonl").stat().st_mtime
-    r = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_paper.sh"), str(root)], env={**env, "STAGES":
-                       "pretrain original groups methods alpha finetune"}, capture_output=True, text=True,
+    # Re-running resumes: finished stages are skipped (the pre-training and fine-tuning are not touched).
+    before = [(root / p).stat().st_mtime for p in ("pretrain/metrics.jsonl", "finetune/runs/kv1-mean-s0/eval.json")]
+    r = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_paper.sh"), str(root)],
+                       env={**env, "STAGES": "pretrain original finetune"}, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (root / "pretrain" / "metrics.jsonl").stat().st_mtime == before
+    assert [(root / p).stat().st_mtime for p in ("pretrain/metrics.jsonl",
+                                                 "finetune/runs/kv1-mean-s0/eval.json")] == before
 
 
 def test_report_checks_conclusions_against_another_pretraining_seed(tmp_path):
