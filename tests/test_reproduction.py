@@ -188,8 +188,8 @@ SweepConfig.train_bindings = ('--gin.BATCH_SIZE=2', '--gin.INPUTS_LENGTH=32', '-
 @pytest.mark.slow
 def test_reproduce_paper_toy_end_to_end(tmp_path):
     """Every stage of scripts/reproduce_paper.sh at toy size: pre-training with periodic eval and checkpoints,
-    the length pick, groups -> methods -> alpha with reuse, fine-tuning, the restart slot, the report. About 25
-    subprocesses: ~4 min on an idle 2-core machine, far longer on a loaded one."""
+    the length pick, groups -> methods -> alpha with reuse, fine-tuning, the restart slot, the report. About 20
+    CLI subprocesses, so its time is mostly their start-up and compilation and grows with machine load."""
     gin = tmp_path / "toy.gin"
     gin.write_text(TOY_GIN)
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "SEEDS": "0", "PRETRAIN_STEPS": "20",
