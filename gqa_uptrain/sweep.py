@@ -17,10 +17,10 @@ Layout:
   ROOT/results.csv, results.md, *.png the aggregation
 
 Reuse (`run_sweep(reuse=...)`, `gqa-uptrain sweep --reuse OTHER_ROOT`): a run whose model inputs (`model_key`:
-absolute source path, G, method, α, seed, original steps, train gin file and bindings) equal those of a finished
-run in another sweep root gets that run's converted/ and train/ directories as symlinks instead of recomputing
-them (the commands would be identical, so the models are bit-identical); an eval whose settings also match
-(`eval_specs`) is copied. Evals that differ, or runs the other root has not finished, are computed here.
+absolute source path, G, method, α, seed, convert flags, original steps, train gin file and bindings) equal those of a
+finished run in another sweep root gets that run's converted/ and train/ directories as symlinks instead of
+recomputing them (the commands would be identical, so the models are bit-identical); an eval whose settings also
+match (`eval_specs`) is copied. Evals that differ, or runs the other root has not finished, are computed here.
 """
 from __future__ import annotations
 
