@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from gqa_uptrain import sweep
-from gqa_uptrain.sweep import Run, Stage, SweepConfig, aggregate, expand_grid, summarise
+from gqa_uptrain.sweep import Stage, SweepConfig, aggregate, expand_grid, summarise
 
 
 def test_grid_runs_mha_once_and_alpha0_with_one_seed():
