@@ -7,6 +7,8 @@ trainer's job.
 Bundled assets (see ``assets/corpus/README.md`` for provenance and licences):
   * ``assets/corpus/{train,validation}.txt.gz``: KJV chapters + WordNet synsets, one per line.
   * ``assets/wordnet_gloss/{train,validation}.jsonl.gz``: define-the-word seq2seq task.
+  * ``assets/heldout/python_docs.txt.gz``: a second held-out set (Python reference-manual prose; never
+    trained on), split ``python_docs`` of ``gqa_span_corruption``.
   * ``assets/vocab/spm.model``: 4000-piece SentencePiece unigram model (pad=0, eos=1,
     unk=2, no bos); ``bundled_vocabulary()`` adds 100 sentinel extra ids on top.
 
@@ -34,6 +36,9 @@ CORPUS_FILES = {split: ASSETS_DIR / "corpus" / f"{split}.txt.gz" for split in ("
 WORDNET_GLOSS_FILES = {
     split: ASSETS_DIR / "wordnet_gloss" / f"{split}.jsonl.gz" for split in ("train", "validation")
 }
+# Second held-out set (scripts/build_heldout_docs.py): Python reference-manual prose, another register than the
+# corpus, registered as extra splits of the span-corruption task so that every eval can be repeated on it.
+HELDOUT_FILES = {"python_docs": ASSETS_DIR / "heldout" / "python_docs.txt.gz"}
 DEFAULT_EXTRA_IDS = 100
 
 SPAN_CORRUPTION_TASK = "gqa_span_corruption"
@@ -427,12 +432,13 @@ def register_text_file_task(
     vocabulary: Optional[seqio.Vocabulary] = None,
     text_field: str = "text",
     overwrite: bool = False,
+    extra_splits: Optional[Mapping[str, Files]] = None,
 ) -> seqio.Task:
     """Registers a span-corruption Task over your own text files.
 
     Files (paths or globs; ``.gz`` allowed): plain text, one document per line, or JSONL
     (``.jsonl``/``.json``) with the document in ``text_field``. Splits ``train`` and, if
-    given, ``validation``.
+    given, ``validation`` and each of ``extra_splits`` (name -> files; e.g. more held-out sets).
 
     Raises:
       ValueError: a file is missing (the message names it), or ``name`` is taken and
@@ -441,6 +447,10 @@ def register_text_file_task(
     splits = {"train": _resolve_files(train_files, f"task {name!r} train")}
     if validation_files is not None:
         splits["validation"] = _resolve_files(validation_files, f"task {name!r} validation")
+    for split, files in (extra_splits or {}).items():
+        if split in splits:
+            raise ValueError(f"task {name!r}: extra split {split!r} clashes with a standard split")
+        splits[split] = _resolve_files(files, f"task {name!r} {split}")
     return _add_span_corruption_task(name, LineFileDataSource(splits, text_field=text_field), vocabulary,
                                      text_field, overwrite)
 
@@ -489,7 +499,8 @@ def register_tasks() -> None:
     """Registers the bundled tasks (idempotent: already-registered names are kept)."""
     names = seqio.TaskRegistry.names()
     if SPAN_CORRUPTION_TASK not in names:
-        register_text_file_task(SPAN_CORRUPTION_TASK, CORPUS_FILES["train"], CORPUS_FILES["validation"])
+        register_text_file_task(SPAN_CORRUPTION_TASK, CORPUS_FILES["train"], CORPUS_FILES["validation"],
+                                extra_splits=HELDOUT_FILES)
     if WORDNET_GLOSS_TASK not in names:
         splits = {
             split: _resolve_files(path, f"task {WORDNET_GLOSS_TASK!r} {split}")

@@ -9,16 +9,25 @@ Layout:
   ROOT/sweep.json                     the resolved sweep (refuses to mix with a different sweep in the same ROOT)
   ROOT/runs/<run_id>/converted/       gqa-uptrain convert output
   ROOT/runs/<run_id>/train/           gqa-uptrain train MODEL_DIR (α > 0)
-  ROOT/runs/<run_id>/eval.json        gqa-uptrain eval output
+  ROOT/runs/<run_id>/eval.json        gqa-uptrain eval output (validation split)
+  ROOT/runs/<run_id>/eval_<split>.json  the same loss on each of SweepConfig.extra_eval_splits (e.g. a second
+                                      held-out set)
   ROOT/runs/<run_id>/<stage>.log      each stage's output
   ROOT/bench/kv<G>/decode_*.json      time per sample for each G (model shape only; shared by runs)
   ROOT/results.csv, results.md, *.png the aggregation
+
+Reuse (`run_sweep(reuse=...)`, `gqa-uptrain sweep --reuse OTHER_ROOT`): a run whose model inputs (`model_key`:
+absolute source path, G, method, α, seed, convert flags, original steps, train gin file and bindings) equal those of a
+finished run in another sweep root gets that run's converted/ and train/ directories as symlinks instead of
+recomputing them (the commands would be identical, so the models are bit-identical); an eval whose settings also
+match (`eval_specs`) is copied. Evals that differ, or runs the other root has not finished, are computed here.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -42,13 +51,18 @@ class SweepConfig:
     # Pre-training steps of the source; None reads it from the source checkpoint's manifest.
     original_steps: int | None = None
     model_gin_file: str = "models/t5_1_1/tiny.gin"
+    convert_args: tuple[str, ...] = ()  # more `gqa-uptrain convert` flags, e.g. optimiser-state options
     train_gin_file: str = "runs/uptrain.gin"
     train_bindings: tuple[str, ...] = ()
     eval_task: str = "gqa_span_corruption"
     eval_args: tuple[str, ...] = ()
     downstream_task: str | None = None  # e.g. gqa_wordnet_gloss, evaluated with decoding
     downstream_args: tuple[str, ...] = ()
+    # More splits of eval_task scored like the validation split (same eval_args), each into eval_<split>.json:
+    # a second held-out set so that no conclusion rests on one validation split.
+    extra_eval_splits: tuple[str, ...] = ()
     bench_args: tuple[str, ...] = ("--batch", "8", "--input-len", "256", "--output-len", "32")
+    bench: bool = True  # False: no decode benchmarks (quality-only sweeps, quick tests)
     num_heads: int | None = None  # for labelling MHA/MQA; read from the source config when None
 
     def __post_init__(self) -> None:
@@ -115,7 +129,8 @@ def run_stages(cfg: SweepConfig, root: pathlib.Path, run: Run, original_steps: i
     converted = d / "converted"
     stages = [Stage("convert", _cli() + [
         "convert", "--source", cfg.source_checkpoint, "--num-kv-heads", str(run.kv_heads),
-        "--method", run.method, "--seed", str(run.seed), "--output", str(converted), "--overwrite"],
+        "--method", run.method, "--seed", str(run.seed), "--output", str(converted), "--overwrite",
+        *cfg.convert_args],
         converted / "config.json", d / "convert.log")]
     final = converted
     if run.alpha > 0:
@@ -132,6 +147,11 @@ def run_stages(cfg: SweepConfig, root: pathlib.Path, run: Run, original_steps: i
     stages.append(Stage("eval", _cli() + [
         "eval", "--checkpoint", str(final), "--task", cfg.eval_task, "--output", str(d / "eval.json"),
         *cfg.eval_args], d / "eval.json", d / "eval.log"))
+    for split in cfg.extra_eval_splits:
+        stages.append(Stage(f"eval_{split}", _cli() + [
+            "eval", "--checkpoint", str(final), "--task", cfg.eval_task, "--split", split,
+            "--output", str(d / f"eval_{split}.json"), *cfg.eval_args], d / f"eval_{split}.json",
+            d / f"eval_{split}.log"))
     if cfg.downstream_task:
         stages.append(Stage("downstream", _cli() + [
             "eval", "--checkpoint", str(final), "--task", cfg.downstream_task,
@@ -171,12 +191,108 @@ def _source_info(path: str) -> tuple[int, int | None]:
 def sweep_jobs(cfg: SweepConfig, root: pathlib.Path, runs: Sequence[Run], original_steps: int | None
                ) -> list[tuple[str, list[Stage]]]:
     """The sweep's independent chains of stages: one decode benchmark per G, then one chain per run."""
-    jobs: list[tuple[str, list[Stage]]] = [(f"bench-kv{g}", [bench_stage(cfg, root, g)]) for g in cfg.num_kv_heads]
+    jobs: list[tuple[str, list[Stage]]] = [(f"bench-kv{g}", [bench_stage(cfg, root, g)])
+                                           for g in (cfg.num_kv_heads if cfg.bench else ())]
     return jobs + [(r.run_id, run_stages(cfg, root, r, original_steps)) for r in runs]
 
 
+def model_key(cfg: SweepConfig, run: Run, original_steps: int | None) -> str:
+    """Content address of one run's model: every input that decides the converted and uptrained parameters.
+    Two runs with the same key execute the same convert and train commands (up to their output paths)."""
+    payload = {"source": str(pathlib.Path(cfg.source_checkpoint).absolute()), "run": dataclasses.asdict(run),
+               "convert": list(cfg.convert_args),
+               "original_steps": original_steps if run.alpha > 0 else None,
+               "train": [cfg.train_gin_file, list(cfg.train_bindings)] if run.alpha > 0 else None}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def eval_specs(cfg: SweepConfig) -> dict[str, tuple]:
+    """Output file name -> the settings that decide it (for a given model)."""
+    specs = {"eval.json": (cfg.eval_task, "validation", tuple(cfg.eval_args))}
+    specs.update({f"eval_{sp}.json": (cfg.eval_task, sp, tuple(cfg.eval_args)) for sp in cfg.extra_eval_splits})
+    if cfg.downstream_task:
+        specs["downstream.json"] = (cfg.downstream_task, "validation", tuple(cfg.downstream_args))
+    return specs
+
+
+def _read_spec(root: pathlib.Path) -> tuple[SweepConfig, dict[str, Any]]:
+    spec_path = root / "sweep.json"
+    if not spec_path.exists():
+        raise FileNotFoundError(f"{spec_path} not found: not a sweep directory")
+    spec = json.loads(spec_path.read_text())
+    return SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()}), spec
+
+
+def _model_done(d: pathlib.Path, run: Run) -> bool:
+    return (d / "converted" / "config.json").exists() and (run.alpha == 0 or (d / "train.done").exists())
+
+
+def plan_reuse(cfg: SweepConfig, root: pathlib.Path, runs: Sequence[Run], original_steps: int | None,
+               reuse: Sequence[str | os.PathLike]) -> dict[str, tuple[pathlib.Path, list[str]]]:
+    """run_id -> (the finished run directory in another root with the same model_key, the eval files whose
+    settings match too), for runs not already finished here."""
+    others = []
+    for o in reuse:
+        o = pathlib.Path(o).absolute()
+        if o == root:
+            continue
+        ocfg, ospec = _read_spec(o)
+        others.append((o, ocfg, ospec["original_steps"]))
+    plan: dict[str, tuple[pathlib.Path, list[str]]] = {}
+    mine = eval_specs(cfg)
+    for run in runs:
+        if _model_done(root / "runs" / run.run_id, run):
+            continue
+        key = model_key(cfg, run, original_steps)
+        for o, ocfg, osteps in others:
+            od = o / "runs" / run.run_id
+            if model_key(ocfg, run, osteps) == key and _model_done(od, run):
+                theirs = eval_specs(ocfg)
+                files = [f for f, v in mine.items() if theirs.get(f) == v and (od / f).exists()]
+                plan[run.run_id] = (od.resolve(), files)
+                break
+    for g in cfg.num_kv_heads if cfg.bench else ():  # benchmarks depend on the model shape and bench flags only
+        mine_b = root / "bench" / f"kv{g}"
+        for o, ocfg, _ in others:
+            ob = o / "bench" / f"kv{g}"
+            if not (mine_b / "done").exists() and (ob / "done").exists() and \
+                    (ocfg.model_gin_file, ocfg.bench_args) == (cfg.model_gin_file, cfg.bench_args):
+                plan[f"bench-kv{g}"] = (ob.resolve(), [])
+                break
+    return plan
+
+
+def apply_reuse(root: pathlib.Path, plan: dict[str, tuple[pathlib.Path, list[str]]]) -> None:
+    """Link the reused models and copy the matching evals; a link is made last, so an interrupted reuse leaves
+    the run looking unfinished (it is redone or re-linked on the next call), never half-linked as done."""
+    import shutil
+    for run_id, (od, files) in plan.items():
+        if run_id.startswith("bench-"):
+            dst = root / "bench" / run_id[len("bench-"):]
+            if dst.exists():  # an interrupted earlier attempt: redo it whole
+                shutil.rmtree(dst)
+            shutil.copytree(od, dst)
+            continue
+        d = root / "runs" / run_id
+        d.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copyfile(od / f, d / f)
+        if (od / "train.done").exists():
+            for sub in ("train", "converted"):
+                if not (d / sub).exists():
+                    (d / sub).symlink_to(od / sub, target_is_directory=True)
+            shutil.copyfile(od / "train.done", d / "train.done")
+        elif not (d / "converted").exists():
+            (d / "converted").symlink_to(od / "converted", target_is_directory=True)
+        (d / "reused_from").write_text(str(od) + "\n")
+
+
 def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_run: bool = False,
-              log: Callable[[str], None] = print, launcher: str = "local") -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, launcher: str = "local",
+              reuse: Sequence[str | os.PathLike] = ()) -> list[dict[str, Any]]:
+    """Run (or with dry_run, list) every stage of the grid not done yet under `root`. `reuse`: other sweep roots
+    whose finished runs with the same model_key are linked instead of recomputed (see the module docstring).
+    A dry run writes nothing: it checks `root` against an existing sweep.json but does not create one."""
     root = pathlib.Path(root).absolute()
     num_heads, meta_steps = _source_info(cfg.source_checkpoint)
     if cfg.num_heads is not None and cfg.num_heads != num_heads:
@@ -185,28 +301,41 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
     if original_steps is None and any(a > 0 for a in cfg.alphas):
         raise ValueError(f"cannot size uptraining: set original_steps; {cfg.source_checkpoint} records no step")
     runs = expand_grid(cfg, num_heads)
-    root.mkdir(parents=True, exist_ok=True)
     spec = {"config": dataclasses.asdict(cfg), "num_heads": num_heads, "original_steps": original_steps}
     spec_path = root / "sweep.json"
     if spec_path.exists():
-        old = json.loads(spec_path.read_text())
-        if old != json.loads(json.dumps(spec)):
+        old_cfg, old = _read_spec(root)  # read through SweepConfig: fields added since it was written get defaults
+        old = {**old, "config": dataclasses.asdict(old_cfg)}
+        if json.loads(json.dumps(old)) != json.loads(json.dumps(spec)):
             raise ValueError(f"{root} holds a different sweep (see {spec_path}); use another directory")
-    else:
-        spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    plan = plan_reuse(cfg, root, runs, original_steps, reuse)
     jobs = sweep_jobs(cfg, root, runs, original_steps)
+    if not dry_run or launcher == "slurm":  # a SLURM dry run writes its job scripts (and nothing else)
+        root.mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        if not spec_path.exists():
+            spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+        apply_reuse(root, plan)
+        if plan:
+            log(f"sweep {root}: reused {len(plan)} finished runs/benchmarks from {', '.join(str(r) for r in reuse)}")
     if launcher == "slurm":
-        log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads)} decode benchmarks, as SLURM jobs")
+        log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads) if cfg.bench else 0} benchmarks, as SLURM jobs")
         submit_slurm(root, jobs, dry_run=dry_run, log=log)
         return []
     if launcher != "local":
         raise ValueError(f"unknown launcher {launcher!r}: expected local or slurm")
-    log(f"sweep {root}: {len(runs)} runs, {len(cfg.num_kv_heads)} decode benchmarks, {parallel} at a time")
+    n_bench = len(cfg.num_kv_heads) if cfg.bench else 0
+    log(f"sweep {root}: {len(runs)} runs, {n_bench} decode benchmarks, {parallel} at a time")
     env = dict(os.environ)
     if dry_run:
         for name, stages in jobs:
+            if name in plan:
+                od, files = plan[name]
+                log(f"[{name}] reuse: {od} (model{''.join(', ' + f for f in files)})")
             for s in stages:
-                log(f"[{name}] {'done' if s.done.exists() else 'todo'}: {' '.join(s.argv[2:])}")
+                done = s.done.exists() or (name in plan and (s.name in ("convert", "train", "bench") or
+                                                             s.done.name in plan[name][1]))
+                log(f"[{name}] {'done' if done else 'todo'}: {' '.join(s.argv[2:])}")
         return []
     failures: list[str] = []
 
@@ -244,11 +373,7 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
 def jobs_of(root: str | os.PathLike) -> list[tuple[str, list[Stage]]]:
     """The chains of an existing sweep directory, from its sweep.json."""
     root = pathlib.Path(root).absolute()
-    spec_path = root / "sweep.json"
-    if not spec_path.exists():
-        raise FileNotFoundError(f"{spec_path} not found: not a sweep directory")
-    spec = json.loads(spec_path.read_text())
-    cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
+    cfg, spec = _read_spec(root)
     return sweep_jobs(cfg, root, expand_grid(cfg, spec["num_heads"]), spec["original_steps"])
 
 
@@ -307,8 +432,7 @@ def _flatten_metrics(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def collect_rows(root: pathlib.Path) -> list[dict[str, Any]]:
-    spec = json.loads((root / "sweep.json").read_text())
-    cfg = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
+    cfg, spec = _read_spec(root)
     bench = {}
     for g in cfg.num_kv_heads:
         bench[g] = read_bench(root, g)
@@ -321,6 +445,10 @@ def collect_rows(root: pathlib.Path) -> list[dict[str, Any]]:
                                "alpha": run.alpha, "seed": run.seed,
                                "kind": attention_kind(run.kv_heads, spec["num_heads"])}
         row.update({f"eval.{k}": v for k, v in _flatten_metrics(json.loads((d / "eval.json").read_text())).items()})
+        for split in cfg.extra_eval_splits:
+            if (d / f"eval_{split}.json").exists():
+                row.update({f"eval_{split}.{k}": v for k, v in
+                            _flatten_metrics(json.loads((d / f"eval_{split}.json").read_text())).items()})
         if (d / "downstream.json").exists():
             row.update({f"downstream.{k}": v
                         for k, v in _flatten_metrics(json.loads((d / "downstream.json").read_text())).items()})
@@ -384,6 +512,16 @@ def _default_metric(rows: Sequence[dict[str, Any]]) -> str:
     return cands[0]
 
 
+def metric_label(metric: str) -> str:
+    """An axis label for a results.csv column: the loss columns in words and units, others as they are."""
+    for prefix, what in (("eval.", "validation"), ("downstream.", "downstream")):
+        if metric == f"{prefix}metrics.loss":
+            return f"{what} loss (nats/target token)"
+    if metric.startswith("eval_") and metric.endswith(".metrics.loss"):
+        return f"{metric[len('eval_'):-len('.metrics.loss')]} held-out loss (nats/target token)"
+    return metric
+
+
 def _time_per_sample(rows: Sequence[dict[str, Any]]) -> dict[int, float]:
     out = {}
     for r in rows:
@@ -418,7 +556,7 @@ def plot(rows, summary, metric: str, num_heads: int, root: pathlib.Path) -> list
                 ax.errorbar(tps[s["kv_heads"]], s["mean"], yerr=s["std"], fmt="o", capsize=3)
                 ax.annotate(attention_kind(s["kv_heads"], num_heads), (tps[s["kv_heads"]], s["mean"]),
                             textcoords="offset points", xytext=(5, 5))
-            ax.set(xlabel="time per sample (s)", ylabel=metric, title=f"quality vs time (α={top:g})")
+            ax.set(xlabel="time per sample (s)", ylabel=metric_label(metric), title=f"quality vs time (α={top:g})")
             save(fig, "quality_vs_time.png")
         fig, ax = plt.subplots(figsize=(5, 4))
         gs = sorted(tps)
@@ -438,7 +576,7 @@ def plot(rows, summary, metric: str, num_heads: int, root: pathlib.Path) -> list
                 ax.errorbar(xs, [sel[i]["mean"] for i in xs], yerr=[sel[i]["std"] for i in xs], fmt="o-",
                             capsize=3, label=f"{attention_kind(g, num_heads)} α={a:g}")
         ax.set_xticks(range(len(methods)), methods)
-        ax.set(ylabel=metric, title="conversion method")
+        ax.set(xlabel="conversion method", ylabel=metric_label(metric), title="conversion method")
         ax.legend(fontsize=7)
         save(fig, "methods.png")
     if len(alphas) > 1:
@@ -449,7 +587,7 @@ def plot(rows, summary, metric: str, num_heads: int, root: pathlib.Path) -> list
             if pts:
                 ax.errorbar([s["alpha"] for s in pts], [s["mean"] for s in pts], yerr=[s["std"] for s in pts],
                             fmt="o-", capsize=3, label=attention_kind(g, num_heads))
-        ax.set(xlabel="uptraining fraction α", ylabel=metric, title="quality vs uptraining")
+        ax.set(xlabel="uptraining fraction α", ylabel=metric_label(metric), title="quality vs uptraining")
         ax.legend()
         save(fig, "quality_vs_alpha.png")
     return written

@@ -229,3 +229,21 @@ def test_register_tasks_idempotent():
     data.register_tasks()
     data.register_tasks()
     assert {data.SPAN_CORRUPTION_TASK, data.WORDNET_GLOSS_TASK} <= set(seqio.TaskRegistry.names())
+
+
+def test_second_heldout_set_is_a_split_of_span_corruption(tmp_path):
+    """python_docs (assets/heldout): evaluation-only text outside the corpus, as a split of the bundled task."""
+    data.register_tasks()
+    lengths = {"inputs": 32, "targets": 8}
+    docs = data.fixed_validation_examples(data.SPAN_CORRUPTION_TASK, lengths, 4, split="python_docs")
+    val = data.fixed_validation_examples(data.SPAN_CORRUPTION_TASK, lengths, 4)
+    assert len(docs) == 4 and all(len(e["inputs"]) > 0 for e in docs)
+    assert [e["inputs"].tolist() for e in docs] != [e["inputs"].tolist() for e in val]
+    with gzip.open(data.HELDOUT_FILES["python_docs"], "rt") as f:
+        held = set(f)
+    for split in ("train", "validation"):  # outside the corpus: no document shared with either split
+        with gzip.open(data.CORPUS_FILES[split], "rt") as f:
+            assert not held & set(f)
+    (tmp_path / "a.txt").write_text("x\n")
+    with pytest.raises(ValueError, match="clashes with a standard split"):
+        data.register_text_file_task("clash_task", tmp_path / "a.txt", extra_splits={"train": tmp_path / "a.txt"})

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from gqa_uptrain import sweep
-from gqa_uptrain.sweep import Run, Stage, SweepConfig, aggregate, expand_grid, summarise
+from gqa_uptrain.sweep import Stage, SweepConfig, aggregate, expand_grid, summarise
 
 
 def test_grid_runs_mha_once_and_alpha0_with_one_seed():
@@ -80,22 +80,120 @@ def test_aggregate_tables_mean_and_spread(tmp_path):
         assert (root / png).stat().st_size > 1000
 
 
-def test_sweep_dry_run_lists_cli_stages(tmp_path, capsys):
+def _tiny_source(tmp_path: pathlib.Path, step: int = 200) -> pathlib.Path:
     from gqa_uptrain.checkpoint import write_config_files
     from gqa_uptrain.config import ModelConfig
     src = tmp_path / "src"
     src.mkdir()
     write_config_files(src, ModelConfig(num_heads=4, d_model=32, head_dim=8, d_ff=32, vocab_size=64,
                                         num_encoder_layers=1, num_decoder_layers=1))
-    (src / "manifest.json").write_text(json.dumps({"step": 200}))
-    cfg = SweepConfig(source_checkpoint=str(src), num_kv_heads=(1, 4), alphas=(0.0, 0.05))
+    (src / "manifest.json").write_text(json.dumps({"step": step}))
+    return src
+
+
+def test_sweep_dry_run_lists_cli_stages_and_writes_nothing(tmp_path):
+    src = _tiny_source(tmp_path)
+    cfg = SweepConfig(source_checkpoint=str(src), num_kv_heads=(1, 4), alphas=(0.0, 0.05),
+                      extra_eval_splits=("docs",))
     lines = []
     sweep.run_sweep(cfg, tmp_path / "sw", dry_run=True, log=lines.append)
     text = "\n".join(lines)
     assert "convert --source" in text and "--gin.ORIGINAL_STEPS=200" in text and "--gin.UPTRAIN_FRACTION=0.05" in text
-    assert text.count("[kv1-mean-a0.05-s0]") == 3  # convert, train, eval
-    assert text.count("[kv1-mean-a0-s0]") == 2  # no training at α=0
-    # A different grid in the same root is refused.
+    assert text.count("[kv1-mean-a0.05-s0]") == 4  # convert, train, eval, eval_docs
+    assert text.count("[kv1-mean-a0-s0]") == 3  # no training at α=0
+    assert "--split docs --output" in text
+    # The dry run leaves no trace, so a real run with other bindings can still use the root.
+    assert not (tmp_path / "sw").exists()
+    other = SweepConfig(source_checkpoint=str(src), num_kv_heads=(2,), alphas=(0.0,))
+    sweep.run_sweep(other, tmp_path / "sw", dry_run=True, log=lines.append)
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps(
+        {"config": __import__("dataclasses").asdict(other), "num_heads": 4, "original_steps": 200}))
+    # A different grid in a root that holds a real sweep is refused, dry run or not; the same one is accepted.
     with pytest.raises(ValueError, match="holds a different sweep"):
-        sweep.run_sweep(SweepConfig(source_checkpoint=str(src), num_kv_heads=(2,)), tmp_path / "sw", dry_run=True,
-                        log=lines.append)
+        sweep.run_sweep(cfg, tmp_path / "sw", dry_run=True, log=lines.append)
+    sweep.run_sweep(other, tmp_path / "sw", dry_run=True, log=lines.append)
+
+
+def test_sweep_help_names_the_default_metric(capsys):
+    from gqa_uptrain.cli import main
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "default eval.metrics.loss" in out and "--reuse" in out
+
+
+def _finished_run(root: pathlib.Path, run_id: str, loss: float, trained: bool, extra: tuple[str, ...] = ()) -> None:
+    d = root / "runs" / run_id
+    (d / "converted").mkdir(parents=True)
+    (d / "converted" / "config.json").write_text("{}")
+    if trained:
+        (d / "train").mkdir()
+        (d / "train.done").write_text("t\n")
+    (d / "eval.json").write_text(json.dumps({"metrics": {"loss": loss}}))
+    for split in extra:
+        (d / f"eval_{split}.json").write_text(json.dumps({"metrics": {"loss": loss + 1}}))
+
+
+def test_reuse_links_identical_runs_and_recomputes_the_rest(tmp_path, monkeypatch):
+    import dataclasses
+    src = _tiny_source(tmp_path)
+    groups = SweepConfig(source_checkpoint=str(src), num_kv_heads=(1, 4), alphas=(0.0, 0.05), seeds=(0, 1))
+    g_root = tmp_path / "groups"
+    g_root.mkdir()
+    (g_root / "sweep.json").write_text(json.dumps({"config": dataclasses.asdict(groups), "num_heads": 4,
+                                                   "original_steps": 200}))
+    _finished_run(g_root, "kv1-mean-a0-s0", 5.0, trained=False)
+    _finished_run(g_root, "kv1-mean-a0.05-s0", 3.0, trained=True)
+    _finished_run(g_root, "kv4-mean-a0.05-s0", 2.0, trained=True)
+    (g_root / "bench" / "kv1").mkdir(parents=True)
+    (g_root / "bench" / "kv1" / "decode_x.json").write_text("{}")
+    (g_root / "bench" / "kv1" / "done").write_text("t\n")
+    # kv1-mean-a0.05-s1 is unfinished in groups (converted, not trained): it must be computed, not linked.
+    (g_root / "runs" / "kv1-mean-a0.05-s1" / "converted").mkdir(parents=True)
+    (g_root / "runs" / "kv1-mean-a0.05-s1" / "converted" / "config.json").write_text("{}")
+
+    # The methods sweep: same source, seeds and train settings, plus svd and a second held-out split.
+    methods = dataclasses.replace(groups, num_kv_heads=(1,), methods=("mean", "svd"), extra_eval_splits=("docs",))
+    lines = []
+    sweep.run_sweep(methods, tmp_path / "methods", dry_run=True, log=lines.append, reuse=[g_root])
+    text = "\n".join(lines)
+    assert text.count("reuse:") == 3
+    assert {"[bench-kv1] reuse:", "[kv1-mean-a0.05-s0] reuse:", "[kv1-mean-a0-s0] reuse:"} <= {
+        ln.split(" /")[0] for ln in lines}
+    run0 = [ln.split(": ", 1)[0] + " " + ln.split(": ", 1)[1].split()[1] + (" docs" if "--split docs" in ln else "")
+            for ln in lines if ln.startswith("[kv1-mean-a0.05-s0]") and "] reuse:" not in ln]
+    assert run0 == ["[kv1-mean-a0.05-s0] done convert", "[kv1-mean-a0.05-s0] done train",
+                    "[kv1-mean-a0.05-s0] done eval", "[kv1-mean-a0.05-s0] todo eval docs"]
+    assert "[kv1-mean-a0.05-s1] todo: gqa_uptrain train" in text
+    assert "[kv1-svd-a0.05-s0] todo: gqa_uptrain convert" in text
+
+    ran = []
+    monkeypatch.setattr(Stage, "run", lambda self, env: ran.append(str(self.done.relative_to(tmp_path))))
+    monkeypatch.setattr(sweep, "aggregate", lambda root, metric=None: [])
+    sweep.run_sweep(methods, tmp_path / "methods", log=lines.append, reuse=[g_root])
+    m = tmp_path / "methods" / "runs"
+    assert (m / "kv1-mean-a0.05-s0" / "train").resolve() == (g_root / "runs" / "kv1-mean-a0.05-s0" / "train").resolve()
+    assert json.loads((m / "kv1-mean-a0.05-s0" / "eval.json").read_text())["metrics"]["loss"] == 3.0
+    assert not (m / "kv1-mean-a0.05-s1" / "train").exists()
+    assert (tmp_path / "methods" / "bench" / "kv1" / "decode_x.json").exists()
+    assert not any("bench" in r for r in ran)
+    reused = {r for r in ran if "kv1-mean-a0.05-s0" in r or "kv1-mean-a0-s0" in r}
+    # Only the new held-out eval runs for reused models; the groups root is untouched.
+    assert reused == {"methods/runs/kv1-mean-a0.05-s0/eval_docs.json", "methods/runs/kv1-mean-a0-s0/eval_docs.json"}
+    assert "methods/runs/kv1-mean-a0.05-s1/train.done" in ran and "methods/runs/kv1-svd-a0.05-s0/train.done" in ran
+    assert not (g_root / "runs" / "kv1-mean-a0.05-s0" / "eval_docs.json").exists()
+
+    # Other train bindings (or another source) change the model key: nothing is reused.
+    changed = dataclasses.replace(methods, train_bindings=("--gin.BATCH_SIZE=8",))
+    plan = sweep.plan_reuse(changed, tmp_path / "other", expand_grid(changed, 4), 200, [g_root])
+    assert set(plan) == {"kv1-mean-a0-s0", "bench-kv1"}  # α = 0: no training, so train settings do not matter
+
+
+def test_bench_false_plans_no_decode_benchmarks(tmp_path):
+    src = _tiny_source(tmp_path)
+    lines = []
+    sweep.run_sweep(SweepConfig(source_checkpoint=str(src), num_kv_heads=(1, 4), alphas=(0.0,), bench=False),
+                    tmp_path / "sw", dry_run=True, log=lines.append)
+    assert not any(ln.startswith("[bench-") for ln in lines) and "0 decode benchmarks" in lines[0]
+    assert sum("gqa_uptrain convert" in ln for ln in lines) == 2

@@ -13,6 +13,8 @@ ROOT/results.csv, ROOT/results.md and ROOT/*.png.
 Examples:
   gqa-uptrain sweep --gin_file=sweeps/groups.gin --gin.SOURCE_CHECKPOINT=runs/mha --root runs/sweep --parallel 2
   gqa-uptrain sweep --root runs/sweep --aggregate_only
+  gqa-uptrain sweep --gin_file=sweeps/repro_methods.gin --gin.SOURCE_CHECKPOINT=runs/mha --root runs/methods \
+      --reuse runs/sweep      # runs identical to ones runs/sweep finished are linked, not recomputed
 
 On a SLURM cluster (--launcher slurm) every stage becomes an sbatch job chained with --dependency=afterok; job
 scripts, ids and logs stay in the run directories. Resources: SlurmResources.* in a gin file, per stage scope
@@ -28,10 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_gin_arguments(parser)
     parser.add_argument("--root", required=True, help="sweep directory (one sub-directory per run)")
     parser.add_argument("--parallel", type=int, default=1, help="runs executed at the same time (default 1)")
-    parser.add_argument("--dry_run", action="store_true", help="list the stages that would run, run nothing")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="list the stages that would run (and the runs --reuse would link); writes nothing, "
+                             "not even ROOT/sweep.json")
     parser.add_argument("--aggregate_only", action="store_true",
                         help="only rebuild results.csv / results.md / plots from finished runs")
-    parser.add_argument("--metric", default=None, help="column to tabulate/plot (default eval.loss)")
+    parser.add_argument("--metric", default=None,
+                        help="column of results.csv to tabulate/plot (default eval.metrics.loss: the teacher-forced "
+                             "loss in nats per target token; else the first eval.* column)")
+    parser.add_argument("--reuse", action="append", default=[], metavar="OTHER_ROOT",
+                        help="another sweep root (repeatable): runs it finished with the same source, G, method, "
+                             "α, seed and train settings are linked, not recomputed; matching evals are copied")
     from gqa_uptrain.launch import add_launcher_argument
     add_launcher_argument(parser, "RUN_DIR/<stage>.sbatch per stage, chained with afterok")
     parser.add_argument("--status", action="store_true",
@@ -64,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     launch.register_gin()  # SlurmResources.* may be bound in the same files
     load_gin(args)
     cfg = build_dataclass(sweep.SweepConfig)
-    sweep.run_sweep(cfg, args.root, parallel=args.parallel, dry_run=args.dry_run, launcher=args.launcher)
+    sweep.run_sweep(cfg, args.root, parallel=args.parallel, dry_run=args.dry_run, launcher=args.launcher,
+                    reuse=args.reuse)
     if args.launcher == "slurm" and args.wait and not args.dry_run:
         return _status_or_wait(args)
     if not args.dry_run and args.launcher == "local":

@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""Stages of scripts/reproduce_paper.sh that are not plain `gqa-uptrain` calls (issue #16).
+
+  machine ROOT                      record the machine (CPU model, cores, RAM) in ROOT/machine.json
+  pick-length ORIGINAL [--flat X]   choose the original's length from its validation curve (printed, JSON)
+  original ORIGINAL STEP OUT        OUT = a checkpoint dir holding ORIGINAL's step STEP only (the sweeps' source)
+  finetune ROOT ...                 fine-tune uptrained models on gqa_wordnet_gloss and score them, resumably
+
+Why a checkpoint of a long run can stand in for a shorter run: pre-training uses T5's rsqrt schedule with 10k
+warm-up steps, i.e. a constant learning rate below step 10,000, so step N of a long run is what a run of length N
+would have produced (same data order, same updates). The length is picked where the validation loss has
+flattened: the first saved step s at which the least-squares slope of the eval loss over [s, s + window] is
+smaller than `flat` nats per 1000 steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+
+FLAT_NATS_PER_1K = 0.02
+WINDOW = 1000
+
+
+# ------------------------------------------------------------------------------------------------ machine
+
+def machine_info() -> dict:
+    """CPU model, logical cores, RAM and JAX platforms of this machine (the decode benchmark's description, which
+    reads lscpu, plus /proc/meminfo); 'unknown' where missing."""
+    from gqa_uptrain.benchmarks.decode import machine_description
+    d = machine_description()
+    info = {"cpu": d.get("cpu_model", "unknown"), "cores": d["cpus"], "ram_gib": None,
+            "accelerators": sorted({x.split(":")[0].split("(")[0].strip() for x in d.get("jax_devices", [])})}
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["ram_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def record_machine(root: pathlib.Path) -> dict:
+    """Append this machine to ROOT/machine.json unless it is already listed (a resumed run on another machine
+    is listed too, so the report can say the results come from more than one)."""
+    path = root / "machine.json"
+    machines = json.loads(path.read_text()) if path.exists() else []
+    me = machine_info()
+    if me not in machines:
+        machines.append(me)
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(machines, indent=2) + "\n")
+    return me
+
+
+# ------------------------------------------------------------------------------------------ original length
+
+def eval_curve(model_dir: pathlib.Path) -> list[tuple[int, float]]:
+    """(step, validation loss) from a training MODEL_DIR's metrics.jsonl, one point per step (the last record
+    wins: a resumed run rewrites the steps after its checkpoint)."""
+    path = model_dir / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a training MODEL_DIR with periodic eval")
+    pts: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if r.get("split") == "eval" and "loss" in r:
+                pts[int(r["step"])] = float(r["loss"])
+    return sorted(pts.items())
+
+
+def saved_steps(model_dir: pathlib.Path) -> list[int]:
+    d = model_dir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "params").exists()) \
+        if d.is_dir() else []
+
+
+def slope_per_1k(curve: list[tuple[int, float]], start: int, window: int) -> float | None:
+    """Least-squares slope of the loss over [start, start + window], in nats per 1000 steps (negative =
+    improving); None when the window is not covered by at least 3 eval points reaching its end."""
+    pts = [(s, v) for s, v in curve if start <= s <= start + window]
+    if len(pts) < 3 or pts[-1][0] < start + window:
+        return None
+    mx = sum(s for s, _ in pts) / len(pts)
+    my = sum(v for _, v in pts) / len(pts)
+    num = sum((s - mx) * (v - my) for s, v in pts)
+    den = sum((s - mx) ** 2 for s, _ in pts)
+    return num / den * 1000
+
+
+def pick_length(curve: list[tuple[int, float]], candidates: list[int], flat: float = FLAT_NATS_PER_1K,
+                window: int = WINDOW) -> dict:
+    """The first candidate step whose next `window` steps improve the eval loss by less than `flat` nats per 1000
+    steps. Returns {"step", "flattened", "slopes": {step: slope}, "flat", "window", "loss"}; when no candidate
+    qualifies, the last candidate with "flattened": False."""
+    if not candidates:
+        raise ValueError("no saved checkpoints to choose the original's length from")
+    slopes = {s: slope_per_1k(curve, s, window) for s in candidates}
+    chosen = next((s for s in candidates if slopes[s] is not None and -slopes[s] < flat), None)
+    step = chosen if chosen is not None else candidates[-1]
+    loss = dict(curve).get(step)
+    return {"step": step, "flattened": chosen is not None, "slopes": {str(k): v for k, v in slopes.items()},
+            "flat": flat, "window": window, "loss": loss}
+
+
+def materialize_original(original: pathlib.Path, step: int, out: pathlib.Path) -> None:
+    """OUT/config.json + OUT/checkpoints/STEP copied from ORIGINAL (never modified), so every tool sees a run
+    whose latest step is STEP. Refuses an OUT made from another step or source."""
+    prov = {"source": str(original.absolute()), "step": step}
+    if (out / "original.json").exists():
+        old = json.loads((out / "original.json").read_text())
+        if old != prov:
+            raise ValueError(f"{out} was made from {old['source']} step {old['step']}, not {original} step {step}; "
+                             "use another ROOT or set ORIGINAL_STEPS to match")
+        return
+    src = original / "checkpoints" / str(step)
+    if not (src / "params").exists():
+        raise FileNotFoundError(f"{src} is not a saved checkpoint (saved: {saved_steps(original)})")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "checkpoints").mkdir(parents=True)
+    for f in ("config.json", "model.gin", "train_config.json"):
+        if (original / f).exists():
+            shutil.copyfile(original / f, tmp / f)
+    shutil.copytree(src, tmp / "checkpoints" / str(step))
+    (tmp / "original.json").write_text(json.dumps(prov, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+# --------------------------------------------------------------------------------------------- fine-tuning
+
+FT_MODELS = ("kv8-mean", "kv2-mean", "kv2-svd", "kv1-mean", "kv1-svd")
+
+
+def finetune(root: pathlib.Path, models: list[str], seeds: list[int], alpha: float, steps: int, batch: int,
+             eval_examples: int, uptrain_sweep: str = "alpha", extra: tuple[str, ...] = ()) -> None:
+    """Fine-tune each uptrained model ROOT/<uptrain_sweep>/runs/<model>-a<alpha>-s<seed>/train with
+    configs/runs/finetune.gin (constant LR 1e-3, dropout 0.1) and score it with greedy decoding on the
+    gqa_wordnet_gloss validation split: ROOT/finetune/runs/<model>-s<seed>/{train/,eval.json,eval_seconds.json}.
+    Each stage is skipped once done (gqa_uptrain.sweep.Stage)."""
+    from gqa_uptrain.sweep import Stage
+    cli = [sys.executable, "-m", "gqa_uptrain"]
+    base = root / "finetune"
+    base.mkdir(parents=True, exist_ok=True)
+    spec = {"models": models, "seeds": seeds, "alpha": alpha, "steps": steps, "batch": batch,
+            "eval_examples": eval_examples, "uptrain_sweep": uptrain_sweep, "extra": list(extra)}
+    spec_path = base / "finetune.json"
+    if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
+        raise ValueError(f"{base} holds a fine-tuning stage with other settings (see {spec_path}); use another ROOT")
+    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    env = dict(os.environ)
+    for model in models:
+        for seed in seeds:
+            src = root / uptrain_sweep / "runs" / f"{model}-a{alpha:g}-s{seed}"
+            if not (src / "train.done").exists():
+                raise FileNotFoundError(f"{src} is not a finished uptraining run: run the {uptrain_sweep} stage first")
+            d = base / "runs" / f"{model}-s{seed}"
+            train = Stage("finetune", cli + [
+                "train", "--gin_file=runs/finetune.gin", f"--gin.INITIAL_CHECKPOINT={src / 'train'}",
+                f"--gin.MODEL_DIR={d / 'train'}", f"--gin.TRAIN_STEPS={steps}", f"--gin.SEED={seed}",
+                f"--gin.BATCH_SIZE={batch}", "--gin.INPUTS_LENGTH=64", "--gin.TARGETS_LENGTH=32",
+                f"--gin.SAVE_EVERY={steps}", "--gin.EVAL_EVERY=1000000", "--no_progress", *extra],
+                d / "train.done", d / "train.log")
+            ev = Stage("eval", cli + [
+                "eval", "--checkpoint", str(d / "train"), "--task", "gqa_wordnet_gloss", "--metrics",
+                "loss,rouge,bleu", "--num_examples", str(eval_examples), "--max_input_length", "64",
+                "--max_target_length", "32", "--max_decode_length", "32", "--method", "greedy", "--quiet",
+                "--output", str(d / "eval.json")], d / "eval.json", d / "eval.log")
+            train.run(env)
+            if not ev.done.exists():
+                t0 = time.time()
+                ev.run(env)
+                (d / "eval_seconds.json").write_text(json.dumps(
+                    {"seconds": time.time() - t0, "examples": eval_examples,
+                     "note": "wall time of the whole eval command (start-up, loss and greedy decoding)"}) + "\n")
+            print(f"[finetune] {model} seed {seed} done", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("machine")
+    m.add_argument("root", type=pathlib.Path)
+    p = sub.add_parser("pick-length")
+    p.add_argument("original", type=pathlib.Path)
+    p.add_argument("--flat", type=float, default=FLAT_NATS_PER_1K, help="nats per 1000 steps (default %(default)s)")
+    p.add_argument("--window", type=int, default=WINDOW, help="steps after the candidate (default %(default)s)")
+    p.add_argument("--output", type=pathlib.Path, default=None, help="also write the choice as JSON here")
+    o = sub.add_parser("original")
+    o.add_argument("original", type=pathlib.Path)
+    o.add_argument("step", type=int)
+    o.add_argument("out", type=pathlib.Path)
+    f = sub.add_parser("finetune")
+    f.add_argument("root", type=pathlib.Path)
+    f.add_argument("--models", default=",".join(FT_MODELS))
+    f.add_argument("--seeds", default="0,1,2")
+    f.add_argument("--alpha", type=float, default=0.05)
+    f.add_argument("--steps", type=int, default=300)
+    f.add_argument("--batch", type=int, default=16)
+    f.add_argument("--eval_examples", type=int, default=200)
+    f.add_argument("--uptrain_sweep", default="alpha")
+    f.add_argument("--extra", action="append", default=[], help="more train flags (repeatable)")
+    args = ap.parse_args(argv)
+    if args.cmd == "machine":
+        print(json.dumps(record_machine(args.root)))
+    elif args.cmd == "pick-length":
+        choice = pick_length(eval_curve(args.original), saved_steps(args.original), args.flat, args.window)
+        choice["source"] = str(args.original.absolute())
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(choice, indent=2) + "\n")
+        print(choice["step"])
+    elif args.cmd == "original":
+        materialize_original(args.original, args.step, args.out)
+    else:
+        finetune(args.root, [x for x in args.models.split(",") if x], _ints(args.seeds), args.alpha, args.steps,
+                 args.batch, args.eval_examples, args.uptrain_sweep, tuple(args.extra))
+    return 0
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.replace(",", " ").split()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""scripts/reproduce_paper.sh's helpers and report (issue #16): length pick, 'never', setup read from the runs,
+gap plots; and a toy end-to-end run of the script (slow)."""
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import reproduction_report as report  # noqa: E402
+import reproduction_stages as stages  # noqa: E402
+
+from gqa_uptrain.sweep import SweepConfig  # noqa: E402
+
+
+def _curve(steps, scale=1000.0):
+    return [(s, 4.0 + 2.0 * math.exp(-s / scale)) for s in steps]
+
+
+def test_pick_length_first_flat_step_and_not_flattened():
+    curve = _curve(range(250, 8001, 250))
+    choice = stages.pick_length(curve, list(range(500, 8001, 500)), flat=0.02, window=1000)
+    # Slope of 2 exp(-s/1000) is -2 exp(-s/1000) per step = -2000 exp(-s/1000) per 1000 steps; the least-squares
+    # slope over [s, s+1000] is below 0.02 nats/1000 steps first at s = 4500 (4000 still gives ~0.02 * 1.6).
+    assert choice["step"] == 4500 and choice["flattened"]
+    assert -choice["slopes"]["4000"] > 0.02 > -choice["slopes"]["4500"]
+    # Windows running past the curve have no slope; a curve that never flattens gives its last saved step.
+    assert choice["slopes"]["7500"] is None and choice["slopes"]["8000"] is None
+    steep = stages.pick_length(_curve(range(250, 3001, 250)), [1000, 2000, 3000], flat=0.02)
+    assert steep == {**steep, "step": 3000, "flattened": False}
+    with pytest.raises(ValueError, match="no saved checkpoints"):
+        stages.pick_length(curve, [])
+
+
+def test_eval_curve_last_record_wins_and_materialize_refuses_other_step(tmp_path):
+    run = tmp_path / "pre"
+    (run / "checkpoints" / "10" / "params").mkdir(parents=True)
+    (run / "checkpoints" / "20" / "params").mkdir(parents=True)
+    (run / "checkpoints" / "20" / "params" / "x").write_text("p")
+    (run / "config.json").write_text("{}")
+    recs = [{"split": "eval", "step": 10, "loss": 5.0}, {"split": "train", "step": 10, "loss": 9.0},
+            {"split": "eval", "step": 10, "loss": 4.5}, {"split": "eval", "step": 20, "loss": 4.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert stages.eval_curve(run) == [(10, 4.5), (20, 4.0)]
+    assert stages.saved_steps(run) == [10, 20]
+    out = tmp_path / "orig"
+    stages.materialize_original(run, 20, out)
+    assert (out / "checkpoints" / "20" / "params" / "x").read_text() == "p"
+    assert not (out / "checkpoints" / "10").exists() and (run / "checkpoints" / "10").exists()
+    stages.materialize_original(run, 20, out)  # same request: nothing to do
+    with pytest.raises(ValueError, match="made from .* step 20"):
+        stages.materialize_original(run, 10, out)
+    with pytest.raises(FileNotFoundError, match="not a saved checkpoint"):
+        stages.materialize_original(run, 30, tmp_path / "other")
+
+
+def test_first_alpha_within_and_never():
+    def e(m, sd=0.0):
+        return {"mean": m, "std": sd, "n": 2}
+    s = {(8, "mean", 0.0): e(4.0), (8, "mean", 0.01): e(4.05), (8, "mean", 0.05): e(4.06, 0.002),
+         (1, "svd", 0.0): e(4.02), (1, "svd", 0.01): e(4.055), (1, "svd", 0.05): e(4.065, 0.003),
+         (1, "mean", 0.0): e(6.0), (1, "mean", 0.01): e(4.3), (1, "mean", 0.05): e(4.09)}
+    assert report.first_alpha_within(s, 1, "svd", 8) == 0.01  # gap +0.02 at α=0, +0.005 at 0.01
+    assert report.first_alpha_within(s, 1, "mean", 8) is None  # +0.03 at best: never
+    g = report.gap(s, (1, "svd", 0.05), 8)
+    assert g["mean"] == pytest.approx(0.005) and g["spread"] == pytest.approx(0.005)
+
+
+def _sweep_root(root, name, cfg, losses, docs_delta=0.3, h=8, steps=1000):
+    d = root / name
+    (d / "runs").mkdir(parents=True)
+    (d / "sweep.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "num_heads": h,
+                                              "original_steps": steps}))
+    for run_id, loss in losses.items():
+        rd = d / "runs" / run_id
+        rd.mkdir()
+        (rd / "eval.json").write_text(json.dumps({"num_examples": 64, "metrics": {"loss": loss}}))
+        (rd / "eval_python_docs.json").write_text(json.dumps({"num_examples": 64,
+                                                              "metrics": {"loss": loss + docs_delta}}))
+        if "-a0-" not in run_id:
+            (rd / "train").mkdir()
+            (rd / "train" / "train_config.json").write_text(json.dumps(
+                {"batch_size": 16, "inputs_length": 128, "targets_length": 32, "resolved_original_steps": steps}))
+
+
+def _synthetic_root(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "machine.json").write_text(json.dumps([{"cpu": "Synthetic CPU 9000", "cores": 2, "ram_gib": 24.0}]))
+    pre = tmp_path / "pre"
+    curve = _curve(range(250, 4001, 250))
+    (pre / "checkpoints").mkdir(parents=True)
+    for s in range(500, 4001, 500):
+        (pre / "checkpoints" / str(s) / "params").mkdir(parents=True)
+    (pre / "metrics.jsonl").write_text("".join(json.dumps({"split": "eval", "step": s, "loss": v}) + "\n"
+                                               for s, v in curve))
+    orig = root / "mha_original"
+    orig.mkdir()
+    (orig / "config.json").write_text(json.dumps({"d_model": 128, "num_heads": 8, "head_dim": 16, "d_ff": 256,
+                                                  "num_encoder_layers": 2, "num_decoder_layers": 2,
+                                                  "vocab_size": 4224}))
+    (orig / "train_config.json").write_text(json.dumps({"seed": 7, "batch_size": 16, "inputs_length": 128,
+                                                       "targets_length": 32, "resolved_train_steps": 4000}))
+    (orig / "original.json").write_text(json.dumps({"source": str(pre), "step": 3000}))
+    (root / "length.json").write_text(json.dumps({"flat": 0.07, "window": 1000}))
+    seeds = (3, 5)
+    groups = SweepConfig(source_checkpoint=str(orig), num_kv_heads=(1, 2, 8), alphas=(0.0, 0.05), seeds=seeds,
+                         extra_eval_splits=("python_docs",))
+    base = {1: 4.30, 2: 4.20, 8: 4.10}
+    losses = {f"kv{g}-mean-a0-s3": {1: 6.0, 2: 5.5, 8: 4.0}[g] for g in base}
+    losses.update({f"kv{g}-mean-a0.05-s{s}": base[g] + 0.01 * i for g in base for i, s in enumerate(seeds)})
+    _sweep_root(root, "groups", groups, losses)
+    alpha = dataclasses.replace(groups, num_kv_heads=(1, 8), methods=("mean", "svd"), alphas=(0.0, 0.01, 0.05))
+    al = {"kv8-mean-a0-s3": 4.0, "kv1-mean-a0-s3": 6.0, "kv1-svd-a0-s3": 4.02}
+    for i, s in enumerate(seeds):
+        al.update({f"kv8-mean-a0.01-s{s}": 4.05 + 0.001 * i, f"kv8-mean-a0.05-s{s}": 4.10 + 0.001 * i,
+                   f"kv1-mean-a0.01-s{s}": 4.5 + 0.001 * i, f"kv1-mean-a0.05-s{s}": 4.30 + 0.001 * i,
+                   f"kv1-svd-a0.01-s{s}": 4.055 + 0.001 * i, f"kv1-svd-a0.05-s{s}": 4.105 + 0.001 * i})
+    _sweep_root(root, "alpha", alpha, al)
+    ft = root / "finetune"
+    ft.mkdir()
+    (ft / "finetune.json").write_text(json.dumps({"models": ["kv8-mean", "kv1-mean"], "seeds": list(seeds),
+                                                  "alpha": 0.05, "steps": 300, "batch": 16, "eval_examples": 50}))
+    for m, r in (("kv8-mean", 40.0), ("kv1-mean", 30.0)):
+        for i, s in enumerate(seeds):
+            d = ft / "runs" / f"{m}-s{s}"
+            d.mkdir(parents=True)
+            (d / "eval.json").write_text(json.dumps({"metrics": {"rouge1": r + i, "rouge2": r / 2, "rougeL": r + i,
+                                                                 "bleu": r / 3}}))
+            (d / "eval_seconds.json").write_text(json.dumps({"seconds": 5.0, "examples": 50}))
+    return root
+
+
+def test_report_reads_setup_from_runs_and_plots_gaps(tmp_path):
+    root = _synthetic_root(tmp_path)
+    out = tmp_path / "docs" / "reproduction.md"
+    report.main([str(root), "--out", str(out)])
+    md = out.read_text()
+    assert "Synthetic CPU 9000, 2 logical cores, 24.0 GiB RAM" in md
+    assert "**Seeds:** 3, 5 (read from the runs)" in md
+    assert "seed 7" in md and "step 3000 of a run of 4000 steps" in md
+    assert "Seeds 0, 1, 2" not in md and "eval.metrics.loss" not in md
+    # Length: with flat 0.07 nats/1000 steps, 2 exp(-s/1000) flattens at 3000 (slope -0.063; -0.103 at 2500).
+    assert "The loss flattens at step 3000" in md and "The sweeps use step 3000 (the rule's choice)." in md
+    # α sweep: svd reaches the control within 0.01 at α = 0.01, mean never (+0.2 at best).
+    assert "| MQA | svd |" in md and "| 0.01 |" in md.split("| MQA | svd |")[1].splitlines()[0]
+    assert "| never |" in md.split("| MQA | mean |")[1].splitlines()[0]
+    assert "MQA, svd vs mean:** svd at α = 0.01, mean never" in md
+    # The gap table holds gaps with their summed spread, not raw losses.
+    assert "+0.2000 ± 0.0141" in md  # MQA mean α=0.05 in groups: 4.30/4.31 vs control 4.10/4.11
+    # Second held-out set: the same ordering (a constant shift), so no reversal.
+    assert "reverse beyond the spread." in md and " 0 reverse" in md
+    # Fine-tuning: MHA control better on both loss and ROUGE-L: same ordering.
+    assert "1 are ordered the same way" in md
+    # Optimiser restart: only the fresh arm present.
+    assert "Only the fresh-state arm" in md
+    assets = out.parent / "reproduction"
+    for png in ("pretrain_curve.png", "alpha_gap_kv1.png", "groups_gap_val.png", "groups_gap_docs.png",
+                "finetune_rougeL.png"):
+        assert (assets / png).stat().st_size > 1000, png
+        assert f"reproduction/{png}" in md
+
+
+def test_sweep_plots_name_their_axes():
+    from gqa_uptrain.sweep import metric_label
+    assert metric_label("eval.metrics.loss") == "validation loss (nats/target token)"
+    assert metric_label("eval_python_docs.metrics.loss") == "python_docs held-out loss (nats/target token)"
+
+
+TOY_GIN = """
+SweepConfig.num_kv_heads = (1, 8)
+SweepConfig.methods = ('mean',)
+SweepConfig.alphas = (0.1,)
+SweepConfig.eval_args = ('--num_examples', '4', '--max_input_length', '32', '--max_target_length', '8',
+                         '--batch_size', '4', '--quiet')
+SweepConfig.bench = False
+SweepConfig.train_bindings = ('--gin.BATCH_SIZE=2', '--gin.INPUTS_LENGTH=32', '--gin.TARGETS_LENGTH=8',
+                              '--gin.EVAL_EVERY=1000000', '--gin.SAVE_EVERY=1000000', '--no_progress')
+"""
+
+
+@pytest.mark.slow
+def test_reproduce_paper_toy_end_to_end(tmp_path):
+    """Every stage of scripts/reproduce_paper.sh at toy size: pre-training with periodic eval and checkpoints,
+    the length pick, groups -> methods -> alpha with reuse, fine-tuning, the restart slot, the report. About 20
+    CLI subprocesses, so its time is mostly their start-up and compilation and grows with machine load."""
+    gin = tmp_path / "toy.gin"
+    gin.write_text(TOY_GIN)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "SEEDS": "0", "PRETRAIN_STEPS": "20",
+           "SAVE_EVERY": "10", "EVAL_EVERY": "5", "FT_STEPS": "2", "FT_BATCH": "2", "FT_EVAL_EXAMPLES": "4",
+           "FT_ALPHA": "0.1", "FT_MODELS": "kv8-mean,kv1-mean", "SWEEP_GIN": str(gin), "FLAT_NATS": "1000",
+           "LENGTH_WINDOW": "10", "REPORT_OUT": str(tmp_path / "docs" / "reproduction.md"),
+           "TRAIN_ARGS": "--gin.EVAL_EXAMPLES=4 --gin.BATCH_SIZE=2 --gin.INPUTS_LENGTH=32 --gin.TARGETS_LENGTH=8",
+           "PYTHON": sys.executable}
+    root = tmp_path / "root"
+    r = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_paper.sh"), str(root)], env=env,
+                       capture_output=True, text=True, timeout=3000)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # FLAT_NATS huge: the first saved step whose 10-step window (evals at 10, 15, 20) is covered is "flat".
+    assert json.loads((root / "mha_original" / "original.json").read_text())["step"] == 10
+    assert (root / "pretrain" / "checkpoints" / "20").is_dir() and (root / "pretrain" / "checkpoints" / "10").is_dir()
+    # methods and alpha reuse what groups finished (same model inputs), linked not recomputed.
+    assert (root / "methods" / "runs" / "kv1-mean-a0.1-s0" / "reused_from").exists()
+    assert (root / "alpha" / "runs" / "kv1-mean-a0.1-s0" / "train").is_symlink()
+    assert json.loads((root / "alpha" / "runs" / "kv8-mean-a0.1-s0" / "eval_python_docs.json").read_text())[
+        "split"] == "python_docs"
+    ft = json.loads((root / "finetune" / "runs" / "kv1-mean-s0" / "eval.json").read_text())["metrics"]
+    assert {"rouge1", "rouge2", "rougeL", "bleu"} <= set(ft)
+    seconds = json.loads((root / "stage_seconds.json").read_text())
+    assert {"pretrain", "groups", "methods", "alpha", "finetune"} <= set(seconds)
+    md = (tmp_path / "docs" / "reproduction.md").read_text()
+    assert "**Seeds:** 0 (read from the runs)" in md and "## After fine-tuning" in md
+    assert "## How much uptraining does each method need?" in md
+    # Re-running resumes: finished stages are skipped (the pre-training and fine-tuning are not touched).
+    before = [(root / p).stat().st_mtime for p in ("pretrain/metrics.jsonl", "finetune/runs/kv1-mean-s0/eval.json")]
+    r = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_paper.sh"), str(root)],
+                       env={**env, "STAGES": "pretrain original finetune"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [(root / p).stat().st_mtime for p in ("pretrain/metrics.jsonl",
+                                                 "finetune/runs/kv1-mean-s0/eval.json")] == before
+
+
+def test_report_checks_conclusions_against_another_pretraining_seed(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    root, other = _synthetic_root(tmp_path / "a"), _synthetic_root(tmp_path / "b")
+    for s in (3, 5):  # in the other root GQA-2 is worse than MQA after uptraining: one reversal
+        f = other / "groups" / "runs" / f"kv2-mean-a0.05-s{s}" / "eval.json"
+        f.write_text(json.dumps({"num_examples": 64, "metrics": {"loss": 4.5 + 0.01 * (s == 5)}}))
+    out = tmp_path / "docs" / "reproduction.md"
+    report.main([str(root), "--out", str(out), "--other_root", str(other)])
+    md = out.read_text()
+    sec = md.split("## Another pre-training seed (7")[1].split("##")[0]
+    assert "14 have the same order with the other original" in sec
+    assert "1 reverse beyond the spread: groups: MQA mean vs GQA-2 mean at α=0.05." in sec
