@@ -352,6 +352,9 @@ def write_checkpoint(output: str | os.PathLike, config: ModelConfig, tensors: It
     for DIR/opt_state (see the module docstring); the manifest must then record `optimizer_state`."""
     # Checked before the tensors stream in: a bad manifest should not cost a whole conversion.
     manifest = metadata if isinstance(metadata, Manifest) else Manifest.from_json(metadata or {}, "manifest metadata")
+    if (manifest.optimizer_state is None) != (optimizer_state is None):
+        raise ValueError(f"manifest optimizer_state={manifest.optimizer_state!r} but "
+                         f"{'no' if optimizer_state is None else 'an'} optimizer state to write: they must agree")
     want = expected_shapes(config)
     seen: set[str] = set()
     with atomic_directory(output, overwrite) as tmp:
@@ -374,8 +377,8 @@ def write_checkpoint(output: str | os.PathLike, config: ModelConfig, tensors: It
         writer.close()
         if optimizer_state is not None:
             if manifest.optimizer_state not in CARRIED_OPTIMIZERS:
-                raise ValueError(f"optimizer state given but the manifest records optimizer_state="
-                                 f"{manifest.optimizer_state!r}; expected one of {CARRIED_OPTIMIZERS}")
+                raise ValueError(f"manifest optimizer_state={manifest.optimizer_state!r} is not one of "
+                                 f"{CARRIED_OPTIMIZERS}")
             state_writer = ParamsWriter(tmp / OPT_STATE_DIR)
             for name, array in optimizer_state():
                 state_writer.add(name, array)

@@ -428,14 +428,19 @@ def convert_moments(moments: Mapping[str, Mapping[str, np.ndarray]], config: Mod
             if missing:
                 raise ValueError(f"optimizer state has no statistics for {missing[0]!r}")
             shapes = {"query": (e, h * d), "key": (e, g0 * d), "value": (e, g0 * d), "out": (h * d, e)}
-            full = {n: second_moment(moments[names[n]], shapes[n], names[n]) for n in names}
-            new = {"key": merge_head_moments(full["key"], tk, num_kv_heads, rule),
-                   "value": merge_head_moments(full["value"], tv, num_kv_heads, rule),
-                   "query": full["query"] if _is_identity(tk) else _query_moments(full["query"], tk, h),
-                   "out": full["out"] if _is_identity(tv) else _out_moments(full["out"], tv, h)}
+
+            def full(n):
+                return second_moment(moments[names[n]], shapes[n], names[n])
+
+            new = {"key": merge_head_moments(full("key"), tk, num_kv_heads, rule),
+                   "value": merge_head_moments(full("value"), tv, num_kv_heads, rule)}
+            # Query / out kernels change only with a non-identity transform; otherwise their statistics stay as
+            # they were stored.
+            if not _is_identity(tk):
+                new["query"] = _query_moments(full("query"), tk, h)
+            if not _is_identity(tv):
+                new["out"] = _out_moments(full("out"), tv, h)
             for n, v in new.items():
-                if n in ("query", "out") and v is full[n]:
-                    continue  # untouched: keep the source's statistics as they were stored
                 out[names[n]] = factor_second_moment(v, min_dim_size_to_factor)
     return out
 

@@ -197,6 +197,17 @@ def test_manifest_records_carried_state_and_reads_back():
     assert "optimizer_state" not in checkpoint.Manifest(step=3).to_dict()  # unchanged for parameter-only dirs
 
 
+def test_manifest_and_written_optimizer_state_must_agree(tmp_path, tiny_config):
+    params = {n: np.zeros(s, np.float32) for n, s in checkpoint.expected_shapes(tiny_config).items()}
+    with pytest.raises(ValueError, match="optimizer_state='adafactor' but no optimizer state to write"):
+        checkpoint.save_params(tmp_path / "a", params, tiny_config,
+                               metadata=checkpoint.Manifest(optimizer_state="adafactor", optimizer_step=1))
+    with pytest.raises(ValueError, match="optimizer_state=None but an optimizer state"):
+        checkpoint.write_checkpoint(tmp_path / "b", tiny_config, params.items(), checkpoint.Manifest(),
+                                    optimizer_state=lambda: iter(()))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def _t5x_checkpoint(tmp_path, cfg, step):
     params = {n: np.random.RandomState(1).normal(size=s).astype(np.float32)
               for n, s in checkpoint.expected_shapes(cfg).items()}
