@@ -87,7 +87,7 @@ class TrainConfig:
     train_steps: int | None = None
     uptrain_fraction: float | None = None
     original_steps: int | None = None  # default: the source step recorded in INITIAL_CHECKPOINT's manifest
-    # Initialisation: parameters only, used when MODEL_DIR has no checkpoint yet (never when resuming).
+    # Initialisation: used when MODEL_DIR has no checkpoint yet (never when resuming).
     initial_checkpoint: str | None = None
     continue_schedule: bool = False  # learning-rate schedule continues from original_steps (uptraining)
     # Restore the Adafactor state INITIAL_CHECKPOINT carries (`convert --carry-optimizer-state`); False (or a
@@ -485,7 +485,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
     """Run (or resume) training into cfg.model_dir until cfg's number of steps; returns the final state.
 
     Resumes automatically from the latest complete checkpoint in MODEL_DIR/checkpoints; otherwise initialises
-    parameters from cfg.initial_checkpoint (parameters only, fresh optimiser state) or from scratch.
+    parameters from cfg.initial_checkpoint (fresh optimiser state, unless the checkpoint carries Adafactor's and
+    cfg.restore_optimizer_state) or from scratch.
     Raises NonFiniteLossError on a NaN/Inf loss or gradient norm (after the pending checkpoint save completes).
     """
     import orbax.checkpoint as ocp

@@ -251,6 +251,9 @@ def test_parameter_only_sources_are_refused_in_one_line(tmp_path, tiny_config, c
                "--no-progress", "--carry-optimizer-state"])
     err = capsys.readouterr().err
     assert rc != 0 and "holds parameters only" in err and not (tmp_path / "o").exists()
+    rc = main(["convert", "--source", str(src), "--num-kv-heads", "2", "--output", str(tmp_path / "o"),
+               "--no-progress", "--moment-rule", "mean"])
+    assert rc != 0 and "--moment-rule only applies with --carry-optimizer-state" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ warm-up

@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "DIR/opt_state, so `train` continues it instead of restarting Adafactor from zero "
                              "(sources: gqa_uptrain run dirs, dirs converted with this flag, T5X checkpoints; HF "
                              "checkpoints hold none). Default off: the paper restores parameters only")
-    parser.add_argument("--moment-rule", default="sum", choices=MOMENT_RULES,
+    parser.add_argument("--moment-rule", default=None, choices=MOMENT_RULES,
                         help="how the second moments of a group's K/V heads merge with --carry-optimizer-state: "
                              "sum (default: the shared kernel's gradient is the sum of the heads' gradients) or "
                              "mean (sum / heads per group); see docs/convert.md")
@@ -263,6 +263,9 @@ def run(args: argparse.Namespace) -> int:
         check_disjoint(source_path, out, "--source", "--output")
     if args.carry_optimizer_state and out is None:
         raise ValueError("--carry-optimizer-state needs --output (the state is written with the parameters)")
+    if args.moment_rule is not None and not args.carry_optimizer_state:
+        raise ValueError("--moment-rule only applies with --carry-optimizer-state")
+    moment_rule = args.moment_rule or "sum"
 
     gin_config = None
     if args.gin_file:
@@ -312,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
             "source": str(source_path.absolute()), "source_format": src.format, "source_step": src.step,
             "method": args.method, "num_kv_heads": args.num_kv_heads, "layers": args.layers, "seed": args.seed,
             "calibration": calib_desc, "optimizer_state": carried and {
-                "optimizer": "adafactor", "step": carried.step, "moment_rule": args.moment_rule,
+                "optimizer": "adafactor", "step": carried.step, "moment_rule": moment_rule,
                 "min_dim_size_to_factor": carried.min_dim_size_to_factor}, "head_order": "contiguous: query head i uses kv head i // (num_heads / G)",
             "source_config": cfg.to_dict(), "config": new_config.to_dict(), "grouping": grouping,
             "versions": _versions(), "source_sha256": readers.sha256_files(src.files), "source_info": src.info,
@@ -321,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
 
     def optimizer_items():  # after the parameters: align/svd's per-head transforms are known by then
         moments = convert.convert_moments(carried.moments, cfg, args.num_kv_heads, args.layers, transforms,
-                                          args.moment_rule, carried.min_dim_size_to_factor)
+                                          moment_rule, carried.min_dim_size_to_factor)
         for name, stats in moments.items():
             for field, array in stats.items():
                 yield f"{field}/{name}", array
@@ -332,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     write_checkpoint(out, new_config, items, manifest,
                      overwrite=args.overwrite, extra_files={"conversion.json": record}, source=str(src.path),
                      optimizer_state=optimizer_items if carried else None)
-    carried_note = f", Adafactor state carried (step {carried.step}, rule {args.moment_rule})" if carried else ""
+    carried_note = f", Adafactor state carried (step {carried.step}, rule {moment_rule})" if carried else ""
     print(f"wrote {out}: {new_config.num_heads} query heads, kv heads encoder={new_config.enc_kv_heads} "
           f"decoder_self={new_config.dec_self_kv_heads} decoder_cross={new_config.dec_cross_kv_heads}, "
           f"method={args.method}, source step={src.step}{carried_note} ({time.time() - t0:.1f}s)", file=sys.stderr)
