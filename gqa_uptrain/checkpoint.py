@@ -3,6 +3,9 @@
 Layouts `load_params` / `open_params` understand:
   converted / exported model dir:   DIR/config.json, DIR/model.gin, DIR/manifest.json, DIR/params/ (orbax)
   training run dir (MODEL_DIR):     DIR/config.json, DIR/checkpoints/<step>/params/ (ocp.CheckpointManager item)
+A converted dir written with `convert --carry-optimizer-state` also holds DIR/opt_state/ (orbax): Adafactor's
+statistics per parameter, flat names 'v_row/<param>', 'v_col/<param>' (factored) or 'v/<param>', and its manifest
+records `optimizer_state: "adafactor"` and `optimizer_step` (`read_optimizer_moments`, `restore_carried_opt_state`).
 DIR/params/ is written by `ParamsWriter` as an orbax checkpoint built from partial saves (the pytree lives in
 DIR/params/state/); directories written by earlier versions hold the pytree directly in DIR/params/. Both load.
 Writes go to a temporary sibling directory that is renamed into place when complete, so a crash or bad input
@@ -31,6 +34,8 @@ CONFIG_FILE = "config.json"
 GIN_FILE = "model.gin"
 MANIFEST_FILE = "manifest.json"
 PARAMS_DIR = "params"
+OPT_STATE_DIR = "opt_state"
+CARRIED_OPTIMIZERS = ("adafactor",)  # Manifest.optimizer_state values this version reads
 TRAIN_CHECKPOINTS_DIR = "checkpoints"
 # ParamsWriter's buffer: large enough that a base-sized model takes ~30 orbax partial saves, small next to the
 # vocabulary-sized tensors that bound the converter's memory.
@@ -54,6 +59,11 @@ class Manifest:
     source_step: int | None = None     # pre-training step of the checkpoint convert read
     converted_from: str | None = None  # the source's format (readers.open_source), when written by convert
     method: str | None = None          # the conversion method (convert.METHODS), when written by convert
+    # Carried optimizer state (convert --carry-optimizer-state): the optimizer whose statistics DIR/opt_state holds
+    # ("adafactor") and its update count, from which Adafactor's decay continues. Older readers keep both in
+    # `extra` and start fresh, which is what they always did.
+    optimizer_state: str | None = None
+    optimizer_step: int | None = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -88,7 +98,7 @@ class Manifest:
         values: dict[str, Any] = {}
         for name in typed:
             value = data.get(name)
-            if name in ("step", "source_step"):
+            if name in ("step", "source_step", "optimizer_step"):
                 value = _manifest_step(value, name, source)
             elif value is not None and not isinstance(value, str):
                 raise ValueError(f"{source}: {name}={value!r} must be a string or null")
@@ -329,16 +339,22 @@ class ParamsWriter:
 def write_checkpoint(output: str | os.PathLike, config: ModelConfig, tensors: Iterable[tuple[str, Any]],
                      metadata: Manifest | Mapping[str, Any] | None = None, overwrite: bool = False,
                      extra_files: Mapping[str, str | Callable[[], str]] | None = None,
-                     source: str = "params") -> pathlib.Path:
+                     source: str = "params",
+                     optimizer_state: Callable[[], Iterable[tuple[str, Any]]] | None = None) -> pathlib.Path:
     """Stream (flat name, array) pairs into a converted-model dir at `output`, atomically.
 
     Every name and shape is checked against `config` as it arrives and missing names at the end, each failure one
     ValueError naming the key; on any error nothing is left at `output`.
     extra_files: file name -> text (or a function returning it, called after the tensors are written) written into
     the same directory inside the same atomic step.
-    source: names the input in error messages."""
+    source: names the input in error messages.
+    optimizer_state: a function, called after the tensors are written, returning ('v_row/<param>', array) pairs
+    for DIR/opt_state (see the module docstring); the manifest must then record `optimizer_state`."""
     # Checked before the tensors stream in: a bad manifest should not cost a whole conversion.
     manifest = metadata if isinstance(metadata, Manifest) else Manifest.from_json(metadata or {}, "manifest metadata")
+    if (manifest.optimizer_state is None) != (optimizer_state is None):
+        raise ValueError(f"manifest optimizer_state={manifest.optimizer_state!r} but "
+                         f"{'no' if optimizer_state is None else 'an'} optimizer state to write: they must agree")
     want = expected_shapes(config)
     seen: set[str] = set()
     with atomic_directory(output, overwrite) as tmp:
@@ -359,6 +375,14 @@ def write_checkpoint(output: str | os.PathLike, config: ModelConfig, tensors: It
             raise ValueError(f"{source}: missing {len(missing)} parameter(s), first {missing[0]!r} "
                              f"(expected shape {want[missing[0]]})")
         writer.close()
+        if optimizer_state is not None:
+            if manifest.optimizer_state not in CARRIED_OPTIMIZERS:
+                raise ValueError(f"manifest optimizer_state={manifest.optimizer_state!r} is not one of "
+                                 f"{CARRIED_OPTIMIZERS}")
+            state_writer = ParamsWriter(tmp / OPT_STATE_DIR)
+            for name, array in optimizer_state():
+                state_writer.add(name, array)
+            state_writer.close()
         write_config_files(tmp, config)
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
         for name, text in (extra_files or {}).items():
@@ -573,6 +597,109 @@ def open_params(directory: str | os.PathLike, step: int | None = None) -> Loaded
     config, manifest, step, pytree_dir = _locate(directory, step)
     shapes = expected_shapes(config)
     return LoadedCheckpoint(config, TensorSource(shapes, _partial_restore_loader(pytree_dir, shapes)), manifest, step)
+
+
+@dataclasses.dataclass
+class OptimizerMoments:
+    """Adafactor's second-moment statistics of a checkpoint, keyed by our flat parameter names.
+
+    moments: name -> {"v_row", "v_col"} (factored) or {"v"} (see optim.second_moment); step: Adafactor's update
+    count; min_dim_size_to_factor: the factoring threshold the statistics were kept with (128 unless recorded)."""
+    step: int
+    moments: dict[str, dict[str, np.ndarray]]
+    min_dim_size_to_factor: int = 128
+
+
+def _restore_whole(pytree_dir: pathlib.Path) -> Any:
+    """Every array of an orbax pytree, unsharded on this process's first device, in its stored structure."""
+    import orbax.checkpoint as ocp
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with _native_stderr_held(), ocp.StandardCheckpointer() as ckptr:
+        try:
+            tree = ckptr.metadata(pytree_dir).item_metadata.tree
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+            return ckptr.restore(pytree_dir, target)
+        except Exception as e:  # noqa: BLE001 - translated to one line, original chained
+            raise ValueError(f"{pytree_dir}: cannot restore the optimizer state "
+                             f"({str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__})"
+                             ) from e
+
+
+def moments_from_fields(fields: Mapping[str, Mapping[str, Any]], shapes: Mapping[str, tuple[int, ...]],
+                         where: str) -> dict[str, dict[str, np.ndarray]]:
+    """{'v_row': flat, 'v_col': flat, 'v': flat} (optax / T5X trees, (1,)-placeholders included) -> per parameter
+    statistics: the full `v` where it has the parameter's shape, else the factored pair."""
+    out = {}
+    for name, shape in shapes.items():
+        v = fields.get("v", {}).get(name)
+        row, col = fields.get("v_row", {}).get(name), fields.get("v_col", {}).get(name)
+        if v is not None and tuple(np.shape(v)) == tuple(shape):
+            out[name] = {"v": np.asarray(v, np.float32)}
+        elif row is not None and col is not None:  # whether they fit the shape is checked where they are used
+            out[name] = {"v_row": np.asarray(row, np.float32), "v_col": np.asarray(col, np.float32)}
+        else:
+            raise ValueError(f"{where}: no second-moment statistics for {name!r} (shape {tuple(shape)})")
+    return out
+
+
+def _run_min_dim(directory: pathlib.Path) -> int:
+    """The min_dim_size_to_factor a training run used (its train_config.json), 128 (T5X's) when not recorded."""
+    path = directory / "train_config.json"
+    try:
+        value = read_json(path).get("optimizer", {}).get("min_dim_size_to_factor") if path.exists() else None
+    except (ValueError, AttributeError):
+        value = None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 128
+
+
+def read_optimizer_moments(directory: str | os.PathLike, step: int | None = None) -> OptimizerMoments:
+    """Adafactor statistics of a training MODEL_DIR's latest (or given) checkpoint, or of a converted dir written
+    with carried state; ValueError saying what the directory holds instead."""
+    config, manifest, step, pytree_dir = _locate(directory, step)
+    directory = pathlib.Path(directory).absolute()
+    shapes = expected_shapes(config)
+    if (directory / PARAMS_DIR).exists():
+        if manifest is None or manifest.optimizer_state is None:
+            raise ValueError(f"{directory} holds parameters only (no optimizer state was carried into it); convert "
+                             "from a training run dir or a T5X checkpoint to carry the optimizer state")
+        if manifest.optimizer_state not in CARRIED_OPTIMIZERS:
+            raise ValueError(f"{directory / MANIFEST_FILE}: optimizer_state={manifest.optimizer_state!r} is not one "
+                             f"this gqa_uptrain reads ({', '.join(CARRIED_OPTIMIZERS)})")
+        if manifest.optimizer_step is None:
+            raise ValueError(f"{directory / MANIFEST_FILE}: optimizer_state is set but optimizer_step is missing")
+        tree = _restore_whole(_pytree_dir(directory / OPT_STATE_DIR))
+        fields = {k: dict(flat_params(v)) for k, v in tree.items()}
+        return OptimizerMoments(manifest.optimizer_step, moments_from_fields(fields, shapes, str(directory)),
+                                _run_min_dim(directory))
+    state_dir = pytree_dir.parent / OPT_STATE_DIR
+    if not state_dir.exists():
+        raise ValueError(f"{pytree_dir.parent} has no {OPT_STATE_DIR} item")
+    tree = _restore_whole(_pytree_dir(state_dir))
+    parts = tree if isinstance(tree, (list, tuple)) else [tree]
+    factored = [p for p in parts if isinstance(p, Mapping) and {"count", "v_row", "v_col", "v"} <= set(p)]
+    if len(factored) != 1:
+        raise ValueError(f"{state_dir}: no Adafactor (optax factored-RMS) state found; only Adafactor state can be "
+                         "carried")
+    fs = factored[0]
+    fields = {k: dict(flat_params(fs[k])) for k in ("v_row", "v_col", "v")}
+    return OptimizerMoments(int(np.asarray(fs["count"])), moments_from_fields(fields, shapes, str(state_dir)),
+                            _run_min_dim(directory))
+
+
+def restore_carried_opt_state(directory: str | os.PathLike, abstract_state: Any, param_shapes: Any, shardings: Any,
+                              min_dim_size_to_factor: int) -> tuple[Any, int] | None:
+    """(sharded optimizer state, carried step) from the optimizer state a converted dir carries, or None when it
+    carries none (train then starts fresh). The one place `train` restores carried state: statistics re-factored
+    for this optimizer (`optim.carried_opt_state`), each leaf placed with its sharding from `shardings`."""
+    manifest = Manifest.read(directory)
+    if manifest is None or manifest.optimizer_state is None:
+        return None
+    from gqa_uptrain.optim import carried_opt_state
+    carried = read_optimizer_moments(directory)
+    host = carried_opt_state(abstract_state, param_shapes, carried.moments, carried.step, min_dim_size_to_factor)
+    state = jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                         host, shardings)
+    return state, carried.step
 
 
 def nonfinite_count(array: Any) -> int:

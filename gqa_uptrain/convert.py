@@ -20,6 +20,19 @@ Methods (`METHODS`):
           error is never larger than mean pooling's (mean is one particular rank-D reconstruction).
 Calibration activations (`collect_calibration`) are the inputs of each attention module's K/V projections from
 the source model; without them `align` aligns the kernels themselves and `svd` uses identity inputs.
+
+Optimizer state (`convert_moments`, `convert --carry-optimizer-state`): Adafactor's second moments v ~ E[g^2] of
+the converted kernels follow the parameters by one rule for every method. Source head j is represented in the
+converted model by the shared kernel of its group through the matrix T_j [D, D] folded into its queries (W_j ~
+W'_g T_j^T; T_j = I for mean/first/random, the Procrustes rotation for align, the basis block U_j for svd; see
+`kv_reconstruction_error`). The shared kernel therefore receives the sum of the gradients of the r = G0/G head
+slots it replaces, mapped through T_j: g' = sum_j g_j T_j. Dropping the covariances (Adafactor keeps none) gives
+    v'_g = sum_j v_j (T_j o T_j)            (o: elementwise square; rule "sum", the default)
+and rule "mean" divides that by r (the group's average gradient scale). Query kernels get v_q,h (T_j o T_j) and
+out rows (T_j o T_j)^T v_o,h, the diagonal transform of their parameter transform. `random` also uses the rule:
+zeros with a carried step count would keep Adafactor's estimate biased low for ~step^0.8 steps (its decay
+1 - (step + 1)^-0.8 is then close to 1), i.e. clipped full-size updates for that long. Factored statistics are
+expanded to Adafactor's own rank-1 estimate, transformed and re-factored for the target shape.
 """
 from __future__ import annotations
 
@@ -31,6 +44,7 @@ import numpy as np
 from gqa_uptrain.config import ModelConfig
 
 METHODS = ("mean", "first", "random", "align", "svd")
+MOMENT_RULES = ("sum", "mean")  # how second moments of a group's K/V heads merge (module docstring)
 DATA_METHODS = ("align", "svd")  # methods that use calibration activations
 LAYER_CHOICES = ("decoder", "all")
 
@@ -288,13 +302,15 @@ def _module_info(kind: str, h: int, g0: int, g: int, calibrated: bool) -> dict[s
 
 def iter_converted(params: Mapping[str, Any], config: ModelConfig, num_kv_heads: int, layers: str = "decoder",
                    method: str = "mean", seed: int = 0, calibration: Mapping[str, np.ndarray] | None = None,
-                   grouping: dict[str, Any] | None = None,
-                   measure_error: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+                   grouping: dict[str, Any] | None = None, measure_error: bool = False,
+                   transforms: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+                   ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (flat name, converted array) for every parameter, in the source's order, one module at a time.
 
     `params` may be a lazy mapping (e.g. `checkpoint.TensorSource`): each tensor is looked up once, so at most one
     attention module's four kernels are alive here, which is what lets `convert` stream a checkpoint to disk.
-    Per-module grouping records (and K/V reconstruction errors with `measure_error`) go into `grouping`.
+    Per-module grouping records (and K/V reconstruction errors with `measure_error`) go into `grouping`, and the
+    per-source-head transforms (tk, tv) [G0, D, D] into `transforms` (what `convert_moments` needs).
     """
     if method not in METHODS:
         raise ValueError(f"unknown conversion method {method!r}; choose one of {METHODS}")
@@ -323,6 +339,8 @@ def iter_converted(params: Mapping[str, Any], config: ModelConfig, num_kv_heads:
             if measure_error:
                 info.update(kv_reconstruction_error(w, new, tk, tv, g0, num_kv_heads, d, x))
             grouping[prefix] = info
+        if transforms is not None:
+            transforms[prefix] = (np.asarray(tk), np.asarray(tv))
         del w
         for n, arr in zip(("query", "key", "value", "out"), (new.q, new.k, new.v, new.o)):
             yield f"{prefix}/{n}/kernel", arr
@@ -342,6 +360,89 @@ def convert_params(params: Mapping[str, Any], config: ModelConfig, num_kv_heads:
     items = iter_converted(params, config, num_kv_heads, layers, method, seed, calibration, grouping, measure_error)
     out = dict(progress(items) if progress is not None else items)
     return ConversionResult(out, target_config(config, num_kv_heads, layers), grouping)
+
+
+# ------------------------------------------------------------------------------------------- optimizer state
+
+
+def _is_identity(t: np.ndarray) -> bool:
+    return bool(np.array_equal(t, np.broadcast_to(np.eye(t.shape[-1]), t.shape)))
+
+
+def merge_head_moments(v: np.ndarray, t: np.ndarray, num_groups: int, rule: str = "sum") -> np.ndarray:
+    """Second moments of K or V [E, G0*D] -> [E, G*D]: v'_g = sum_j v_j (t_j o t_j) over the group's heads j,
+    divided by r = G0/G for rule "mean" (module docstring). t: [G0, D, D] per-source-head transforms."""
+    if rule not in MOMENT_RULES:
+        raise ValueError(f"unknown moment rule {rule!r}; choose one of {MOMENT_RULES}")
+    g0, d = t.shape[0], t.shape[-1]
+    heads = np.einsum("jed,jdf->jef", _heads(v.astype(np.float64), g0, d), np.square(t.astype(np.float64)))
+    merged = heads.reshape(num_groups, g0 // num_groups, v.shape[0], d).sum(axis=1)
+    if rule == "mean":
+        merged /= g0 // num_groups
+    return _join(merged).astype(np.float32)
+
+
+def _query_moments(v: np.ndarray, t: np.ndarray, num_heads: int) -> np.ndarray:
+    """Query kernel second moments [E, H*D] under W_q,h -> W_q,h t_owner(h): v_q,h (t o t)."""
+    d = t.shape[-1]
+    owner = np.arange(num_heads) // (num_heads // t.shape[0])
+    q = np.einsum("hed,hdf->hef", _heads(v.astype(np.float64), num_heads, d), np.square(t[owner].astype(np.float64)))
+    return _join(q).astype(np.float32)
+
+
+def _out_moments(v: np.ndarray, t: np.ndarray, num_heads: int) -> np.ndarray:
+    """Out kernel second moments [H*D, E] under rows W_o,h -> t_owner(h)^T W_o,h: (t o t)^T v_o,h."""
+    d = t.shape[-1]
+    owner = np.arange(num_heads) // (num_heads // t.shape[0])
+    o = np.einsum("hdf,hde->hfe", np.square(t[owner].astype(np.float64)), _out_heads(v.astype(np.float64),
+                                                                                    num_heads, d))
+    return np.ascontiguousarray(o.reshape(num_heads * d, -1)).astype(np.float32)
+
+
+def convert_moments(moments: Mapping[str, Mapping[str, np.ndarray]], config: ModelConfig, num_kv_heads: int,
+                    layers: str = "decoder", transforms: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                    rule: str = "sum", min_dim_size_to_factor: int = 128) -> dict[str, dict[str, np.ndarray]]:
+    """Adafactor statistics of `config`'s parameters -> those of the converted model (see module docstring).
+
+    moments: flat parameter name -> {"v_row", "v_col"} or {"v"} (optim.second_moment's convention).
+    transforms: module prefix -> (tk, tv) [G0, D, D] as `iter_converted` records them; missing modules (and the
+    methods mean/first/random) use identities. Unconverted parameters, and modules whose heads are neither merged
+    nor transformed (G = G0 with identity transforms), keep their statistics unchanged; converted kernels are
+    re-factored with `min_dim_size_to_factor` for their new shapes.
+    """
+    from gqa_uptrain.optim import factor_second_moment, second_moment
+    if rule not in MOMENT_RULES:
+        raise ValueError(f"unknown moment rule {rule!r}; choose one of {MOMENT_RULES}")
+    validate_target(config, num_kv_heads, layers)
+    h, d, e = config.num_heads, config.head_dim, config.d_model
+    out = {name: dict(stats) for name, stats in moments.items()}
+    for kind in kinds_for(layers):
+        g0 = current_kv_heads(config, kind)
+        eye = np.broadcast_to(np.eye(d), (g0, d, d))
+        for prefix in module_paths(config, kind):
+            tk, tv = (transforms or {}).get(prefix, (eye, eye))
+            if g0 == num_kv_heads and _is_identity(tk) and _is_identity(tv):
+                continue
+            names = {n: f"{prefix}/{n}/kernel" for n in ("query", "key", "value", "out")}
+            missing = [x for x in names.values() if x not in moments]
+            if missing:
+                raise ValueError(f"optimizer state has no statistics for {missing[0]!r}")
+            shapes = {"query": (e, h * d), "key": (e, g0 * d), "value": (e, g0 * d), "out": (h * d, e)}
+
+            def full(n):
+                return second_moment(moments[names[n]], shapes[n], names[n])
+
+            new = {"key": merge_head_moments(full("key"), tk, num_kv_heads, rule),
+                   "value": merge_head_moments(full("value"), tv, num_kv_heads, rule)}
+            # Query / out kernels change only with a non-identity transform; otherwise their statistics stay as
+            # they were stored.
+            if not _is_identity(tk):
+                new["query"] = _query_moments(full("query"), tk, h)
+            if not _is_identity(tv):
+                new["out"] = _out_moments(full("out"), tv, h)
+            for n, v in new.items():
+                out[names[n]] = factor_second_moment(v, min_dim_size_to_factor)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- calibration

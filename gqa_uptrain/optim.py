@@ -5,9 +5,12 @@ updates scaled by the parameter RMS, eps 1e-30) and the inverse-square-root sche
 ``lr(step) = base / sqrt(max(step, warmup_steps))`` with base 1.0 and warmup_steps 10,000.
 
 Uptraining continues the source checkpoint's schedule: with ``step_offset = original_steps`` (T5.1.1: 1,000,000)
-step 0 of the uptraining run gets ``1/sqrt(1e6) = 1e-3``, as a run that simply kept pre-training would. The
-optimiser *statistics* start fresh (the paper restores parameters only), so Adafactor's own decay
-``1 - (count + 1)^-0.8`` restarts at count 0, which is what makes fresh second-moment estimates unbiased.
+step 0 of the uptraining run gets ``1/sqrt(1e6) = 1e-3``, as a run that simply kept pre-training would. By default
+the optimiser *statistics* start fresh (the paper restores parameters only), so Adafactor's own decay
+``1 - (count + 1)^-0.8`` restarts at count 0, which is what makes fresh second-moment estimates unbiased. Two
+remedies for the shock of that restart: a short linear learning-rate ramp (`OptimizerConfig.restart_warmup_steps`),
+or statistics carried through conversion (`convert --carry-optimizer-state`; `carried_opt_state` rebuilds the optax
+state from them with the source's count, so the decay continues where pre-training left it).
 
 Nothing here imports gin; `gqa_uptrain.cli.train_cmd` binds these settings from gin files.
 """
@@ -43,6 +46,10 @@ class OptimizerConfig:
     min_dim_size_to_factor: int = 128
     eps: float = 1e-30
     weight_decay_rate: float | None = None
+    # Linear learning-rate ramp over this run's first steps, lr * min(1, (count + 1) / restart_warmup_steps) with
+    # count = optimiser steps taken in this run (0 = off). For restarts from fresh Adafactor state, whose first
+    # updates are normalised by a single gradient's square.
+    restart_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("rsqrt", "constant", "linear_warmup_rsqrt"):
@@ -59,8 +66,8 @@ class OptimizerConfig:
             check_range("OptimizerConfig.momentum", self.momentum, 0, 1)
         if self.weight_decay_rate is not None:
             check_range("OptimizerConfig.weight_decay_rate", self.weight_decay_rate, 0, 1)
-        if self.warmup_steps < 0 or self.step_offset < 0:
-            raise ValueError("OptimizerConfig.warmup_steps and step_offset must be >= 0")
+        if self.warmup_steps < 0 or self.step_offset < 0 or self.restart_warmup_steps < 0:
+            raise ValueError("OptimizerConfig.warmup_steps, step_offset and restart_warmup_steps must be >= 0")
 
 
 # The largest base learning rate accepted: T5's rsqrt recipe uses 1.0 (scaled by 1/sqrt(step)); values this far
@@ -84,16 +91,22 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Ar
     rsqrt:               base / sqrt(max(count + offset, warmup))          (T5: constant 1e-2 for 10k steps, then decay)
     linear_warmup_rsqrt: as rsqrt, times min(1, (count + offset) / warmup) (a linear ramp instead of the plateau)
     constant:            base                                               (fine-tuning: 1e-3)
+    Any of them times min(1, (count + 1) / restart_warmup_steps) when restart_warmup_steps > 0 (a ramp over this
+    run's own first steps, whatever the offset).
     """
     base, warmup, offset = float(cfg.base_learning_rate), float(max(cfg.warmup_steps, 1)), float(cfg.step_offset)
+    restart = float(cfg.restart_warmup_steps)
 
     def schedule(count):
         step = jnp.asarray(count, jnp.float32) + offset
         if cfg.schedule == "constant":
-            return jnp.full((), base, jnp.float32)
-        lr = base * jax.lax.rsqrt(jnp.maximum(step, warmup))
-        if cfg.schedule == "linear_warmup_rsqrt":
-            lr = lr * jnp.minimum(1.0, (step + 1.0) / warmup)
+            lr = jnp.full((), base, jnp.float32)
+        else:
+            lr = base * jax.lax.rsqrt(jnp.maximum(step, warmup))
+            if cfg.schedule == "linear_warmup_rsqrt":
+                lr = lr * jnp.minimum(1.0, (step + 1.0) / warmup)
+        if restart:
+            lr = lr * jnp.minimum(1.0, (jnp.asarray(count, jnp.float32) + 1.0) / restart)
         return lr
 
     return schedule
@@ -138,6 +151,109 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(*tx)
 
 
+# ----------------------------------------------------------------------------------------------- Adafactor statistics
+# One parameter's second-moment statistics as a dict: {"v_row", "v_col"} (factored) or {"v"} (full), in optax's
+# (and T5X's, for 2-D parameters) convention: v_row is the mean of g^2 over axis d0, v_col over axis d1.
+
+
+def factored_dims(shape: tuple[int, ...], min_dim_size_to_factor: int) -> tuple[int, int] | None:
+    """(d1, d0) = (second largest, largest) axis of a parameter Adafactor factors, or None (optax's and T5X's rule:
+    factored when the second largest axis has at least min_dim_size_to_factor entries)."""
+    if len(shape) < 2:
+        return None
+    sorted_dims = np.argsort(shape)
+    if shape[sorted_dims[-2]] < min_dim_size_to_factor:
+        return None
+    return int(sorted_dims[-2]), int(sorted_dims[-1])
+
+
+def second_moment(stats: Mapping[str, np.ndarray], shape: tuple[int, ...], name: str = "parameter") -> np.ndarray:
+    """Adafactor's estimate of E[g^2] [shape]: `v`, or the rank-1 reconstruction its update divides by,
+    (v_row / mean(v_row)) x v_col. ValueError naming `name` when the statistics do not fit `shape`."""
+    shape = tuple(shape)
+    if "v" in stats:
+        v = np.asarray(stats["v"], np.float32)
+        if v.shape != shape:
+            raise ValueError(f"{name}: second moment v has shape {v.shape}, expected {shape}")
+        return v
+    v_row, v_col = np.asarray(stats["v_row"], np.float32), np.asarray(stats["v_col"], np.float32)
+    dims = factored_dims(shape, 0)
+    if dims is None or v_row.shape != tuple(np.delete(shape, dims[1])) or \
+            v_col.shape != tuple(np.delete(shape, dims[0])):
+        raise ValueError(f"{name}: factored statistics v_row {v_row.shape} / v_col {v_col.shape} do not fit a "
+                         f"parameter of shape {shape}")
+    d1, d0 = dims
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    mean = np.mean(v_row, axis=reduced_d1, keepdims=True)
+    ratio = np.divide(v_row, mean, out=np.zeros_like(v_row), where=mean > 0)  # all-zero (fresh) rows stay zero
+    return np.expand_dims(ratio, d0) * np.expand_dims(v_col, d1)
+
+
+def factor_second_moment(v: np.ndarray, min_dim_size_to_factor: int) -> dict[str, np.ndarray]:
+    """E[g^2] [shape] -> the statistics Adafactor keeps for that shape (row / column means, or v itself).
+    Exact inverse of `second_moment` on factored statistics."""
+    v = np.asarray(v, np.float32)
+    dims = factored_dims(v.shape, min_dim_size_to_factor)
+    if dims is None:
+        return {"v": v}
+    d1, d0 = dims
+    return {"v_row": v.mean(axis=d0), "v_col": v.mean(axis=d1)}
+
+
+def fit_statistics(stats: Mapping[str, np.ndarray], shape: tuple[int, ...], min_dim_size_to_factor: int,
+                   name: str = "parameter") -> dict[str, np.ndarray]:
+    """`stats` in the form an optimizer with this min_dim_size_to_factor keeps for `shape`: unchanged when already
+    in that form, else re-factored through `second_moment`."""
+    dims = factored_dims(tuple(shape), min_dim_size_to_factor)
+    if dims is None and "v" in stats:
+        second_moment(stats, shape, name)  # checks the shape
+        return {"v": np.asarray(stats["v"], np.float32)}
+    if dims is not None and "v_row" in stats:
+        d1, d0 = dims
+        if (np.shape(stats["v_row"]) == tuple(np.delete(shape, d0))
+                and np.shape(stats["v_col"]) == tuple(np.delete(shape, d1))):
+            return {k: np.asarray(stats[k], np.float32) for k in ("v_row", "v_col")}
+    return factor_second_moment(second_moment(stats, shape, name), min_dim_size_to_factor)
+
+
+def carried_opt_state(abstract_state: Any, param_shapes: Any, moments: Mapping[str, Mapping[str, np.ndarray]],
+                      count: int, min_dim_size_to_factor: int) -> Any:
+    """Host (numpy) optimizer state with Adafactor's statistics and count carried over.
+
+    abstract_state: `jax.eval_shape(optimizer.init, param_shapes)` (as `opt_state_shardings` returns it).
+    moments: flat parameter name ('decoder/layers_0/mlp/wo/kernel') -> statistics (see `second_moment`), re-factored
+    where this optimizer factors a parameter differently. The factored-RMS state gets `count` (Adafactor's decay
+    1 - (count + 1)^-0.8 continues from it); every other part of the chain starts as `optimizer.init` starts it
+    (the schedule's count at 0, since `step_offset` carries the source's step; momentum at zero).
+    """
+    state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_state)
+    flat_shapes = {"/".join(_key_name(k) for k in path): tuple(x.shape)
+                   for path, x in jax.tree_util.tree_flatten_with_path(param_shapes)[0]}
+    missing = sorted(set(flat_shapes) - set(moments))
+    if missing:
+        raise ValueError(f"carried optimizer state has no statistics for {len(missing)} parameter(s), first "
+                         f"{missing[0]!r}")
+    fitted = {n: fit_statistics(moments[n], s, min_dim_size_to_factor, n) for n, s in flat_shapes.items()}
+
+    def fill(field):
+        def leaf(path, placeholder):
+            return fitted["/".join(_key_name(k) for k in path)].get(field, placeholder)
+        return leaf
+
+    found = False
+    out = []
+    for part in (state if isinstance(state, tuple) else (state,)):
+        if isinstance(part, optax.FactoredState):
+            found = True
+            part = part._replace(count=np.asarray(count, np.int32),
+                                 **{f: jax.tree_util.tree_map_with_path(fill(f), getattr(part, f))
+                                    for f in ("v_row", "v_col", "v")})
+        out.append(part)
+    if not found:
+        raise ValueError("this optimizer has no Adafactor factored-RMS state to carry statistics into")
+    return tuple(out) if isinstance(state, tuple) else out[0]
+
+
 # ----------------------------------------------------------------------------------------------- opt-state sharding
 
 
@@ -146,10 +262,9 @@ def _removed_axis(param_shape: tuple[int, ...], leaf_shape: tuple[int, ...], fie
     """Which parameter axis a factored Adafactor statistic (`v_row` / `v_col`) reduced away, or None."""
     if len(leaf_shape) != len(param_shape) - 1:
         return None
-    # optax: (d1, d0) = (second largest, largest) axes; v_row drops d0, v_col drops d1.
-    sorted_dims = np.argsort(param_shape)
-    if len(param_shape) >= 2 and param_shape[sorted_dims[-2]] >= min_dim_size_to_factor:
-        d1, d0 = int(sorted_dims[-2]), int(sorted_dims[-1])
+    dims = factored_dims(param_shape, min_dim_size_to_factor)
+    if dims is not None:
+        d1, d0 = dims
         axis = d0 if field == "v_row" else d1
         if tuple(np.delete(param_shape, axis)) == tuple(leaf_shape):
             return axis

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from gqa_uptrain import hf as hf_names
-from gqa_uptrain.checkpoint import TensorSource, resolve_inside
+from gqa_uptrain.checkpoint import OptimizerMoments, TensorSource, resolve_inside
 from gqa_uptrain.config import ModelConfig
 
 FORMATS = ("auto", "hf", "t5x", "orbax")
@@ -308,8 +308,9 @@ class T5XTensors(Mapping):
         return len(self._flat)
 
 
-def read_t5x_state(path: str | os.PathLike) -> tuple[T5XTensors, int | None, pathlib.Path]:
-    """Open a T5X checkpoint: (lazy target tensors, step or None, msgpack file)."""
+def read_t5x_state(path: str | os.PathLike, optimizer: bool = False) -> tuple[T5XTensors, int | None, pathlib.Path]:
+    """Open a T5X checkpoint: (lazy target tensors, step or None, msgpack file); with `optimizer`, the lazy
+    tensors are the optimizer's per-parameter state (`state/param_states`: '<param>/v_row' ...) instead."""
     from flax import serialization
     ckpt = find_t5x_checkpoint(path)
     raw = ckpt.read_bytes()
@@ -330,8 +331,51 @@ def read_t5x_state(path: str | os.PathLike) -> tuple[T5XTensors, int | None, pat
     if _is_ts_spec(step):
         step = None
     step = int(np.asarray(step)) if step is not None else None
+    if optimizer:
+        states = root.get("state", {}).get("param_states") if isinstance(root.get("state"), dict) else None
+        if not isinstance(states, dict):
+            raise ValueError(f"{ckpt}: no optimizer state (state/param_states) in this T5X checkpoint")
+        return T5XTensors(states, ckpt.parent, prefix.replace("target", "state.param_states")), step, ckpt
     tensors = T5XTensors(root["target"], ckpt.parent, prefix)
     return tensors, step, ckpt
+
+
+def read_t5x_moments(path: str | os.PathLike, config: ModelConfig) -> OptimizerMoments:
+    """T5X Adafactor state (state/param_states/<param>/{v_row,v_col,v}, state/step) in our names.
+
+    T5X factors 2-D parameters with the same rule as optax (its heuristic; logical factor rules fall back to it for
+    rank <= 2), so the statistics carry over as stored. 3-D DenseGeneral kernels are factored by logical axis
+    rules instead; their statistics are refused (one line naming the tensor)."""
+    from gqa_uptrain.checkpoint import moments_from_fields, expected_shapes
+    states, step, ckpt = read_t5x_state(path, optimizer=True)
+    if step is None:
+        raise ValueError(f"{ckpt}: the T5X optimizer state records no step (state/step)")
+    shapes = expected_shapes(config)
+    fields: dict[str, dict[str, np.ndarray]] = {"v_row": {}, "v_col": {}, "v": {}}
+    for flat_name in states:
+        name, _, field = flat_name.rpartition("/")
+        if field in fields and name in shapes:
+            arr = np.asarray(states[flat_name], np.float32)
+            if _T5X_3D.search(name) and field != "v" and arr.ndim > 1:
+                raise ValueError(f"{ckpt}: optimizer state {flat_name} has shape {arr.shape}: statistics of 3-D "
+                                 "(DenseGeneral) attention kernels are not supported; convert without "
+                                 "--carry-optimizer-state")
+            fields[field][name] = _t5x_to_2d(name, arr) if field == "v" else arr
+    return OptimizerMoments(int(step), moments_from_fields(fields, shapes, str(ckpt)))
+
+
+def read_optimizer_moments(source: Source) -> OptimizerMoments:
+    """The optimizer state of an opened source: our run dirs and converted dirs with carried state (orbax) and T5X
+    checkpoints hold one; Hugging Face checkpoints hold parameters only (a one-line error says so)."""
+    if source.format == "t5x":
+        return read_t5x_moments(source.path, source.config)
+    if source.format == "orbax":
+        from gqa_uptrain.checkpoint import PARAMS_DIR, read_optimizer_moments as read_orbax
+        # A run dir: the step whose parameters are converted; a converted dir holds one set (no step).
+        return read_orbax(source.path, None if (pathlib.Path(source.path) / PARAMS_DIR).exists() else source.step)
+    raise ValueError(f"{source.path}: {source.format} checkpoints hold no optimizer state; --carry-optimizer-state "
+                     "needs a gqa_uptrain training run dir (or a dir converted with carried state) or a T5X "
+                     "checkpoint")
 
 
 _T5X_3D = re.compile(r"/(attention|self_attention|encoder_decoder_attention)/(query|key|value|out)/kernel$")

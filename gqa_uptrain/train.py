@@ -89,9 +89,12 @@ class TrainConfig:
     train_steps: int | None = None
     uptrain_fraction: float | None = None
     original_steps: int | None = None  # default: the source step recorded in INITIAL_CHECKPOINT's manifest
-    # Initialisation: parameters only, used when MODEL_DIR has no checkpoint yet (never when resuming).
+    # Initialisation: used when MODEL_DIR has no checkpoint yet (never when resuming).
     initial_checkpoint: str | None = None
     continue_schedule: bool = False  # learning-rate schedule continues from original_steps (uptraining)
+    # Restore the Adafactor state INITIAL_CHECKPOINT carries (`convert --carry-optimizer-state`); False (or a
+    # checkpoint without one) starts the optimizer fresh, as the paper does.
+    restore_optimizer_state: bool = True
     # Optimisation.
     optimizer: OptimizerConfig = OptimizerConfig()
     z_loss: float = 1e-4
@@ -445,7 +448,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
     """Run (or resume) training into cfg.model_dir until cfg's number of steps; returns the final state.
 
     Resumes automatically from the latest complete checkpoint in MODEL_DIR/checkpoints; otherwise initialises
-    parameters from cfg.initial_checkpoint (parameters only, fresh optimiser state) or from scratch.
+    parameters from cfg.initial_checkpoint (fresh optimiser state, unless the checkpoint carries Adafactor's and
+    cfg.restore_optimizer_state) or from scratch.
     Raises NonFiniteLossError on a NaN/Inf loss or gradient norm (after the pending checkpoint save completes).
     """
     import orbax.checkpoint as ocp
@@ -515,10 +519,13 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                                                opt_cfg.min_dim_size_to_factor)
 
     # Host copy of the initial parameters, read before the mesh context (orbax restores them unsharded).
-    loaded = None
+    loaded = carried = None
     if latest is None and cfg.initial_checkpoint:
         loaded = ckpt_lib.load_params(cfg.initial_checkpoint)
         ckpt_lib.check_params_match_config(loaded.params, model_config, source=str(cfg.initial_checkpoint))
+        if cfg.restore_optimizer_state:  # (sharded state, step) when the checkpoint carries Adafactor's, else None
+            carried = ckpt_lib.restore_carried_opt_state(cfg.initial_checkpoint, opt_abstract, param_shapes, opt_sh,
+                                                         opt_cfg.min_dim_size_to_factor)
 
     resumed_from = data_resume = None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -550,7 +557,13 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
                     rng, jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))["params"]),
                     out_shardings=param_sh)
                 params = init(jax.random.PRNGKey(cfg.seed))
-            opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+            if carried is not None:
+                opt_state, carried_step = carried
+                if primary:
+                    print(f"optimizer: Adafactor state carried by {cfg.initial_checkpoint} restored (step "
+                          f"{carried_step})", file=sys.stderr, flush=True)
+            else:
+                opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
             start_step = 0
             batches = train_batches(cfg)
             if primary:

@@ -33,7 +33,7 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gqa_uptrain.convert import LAYER_CHOICES, METHODS
+    from gqa_uptrain.convert import LAYER_CHOICES, METHODS, MOMENT_RULES
     parser.add_argument("--source", required=True, metavar="PATH",
                         help="source checkpoint: HF dir or .safetensors/.index.json/.bin file, T5X checkpoint_N dir "
                              "(or its 'checkpoint' file, or a T5X model dir: latest step), or a gqa_uptrain dir")
@@ -72,6 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "corruption on the bundled validation split")
     parser.add_argument("--compare-examples", type=int, default=64, metavar="N",
                         help="validation examples for --compare (default 64)")
+    parser.add_argument("--carry-optimizer-state", action="store_true",
+                        help="also convert the source's Adafactor state (second moments and step count) into "
+                             "DIR/opt_state, so `train` continues it instead of restarting Adafactor from zero "
+                             "(sources: gqa_uptrain run dirs, dirs converted with this flag, T5X checkpoints; HF "
+                             "checkpoints hold none). Default off: the paper restores parameters only")
+    parser.add_argument("--moment-rule", default=None, choices=MOMENT_RULES,
+                        help="how the second moments of a group's K/V heads merge with --carry-optimizer-state: "
+                             "sum (default: the shared kernel's gradient is the sum of the heads' gradients) or "
+                             "mean (sum / heads per group); see docs/convert.md")
     from gqa_uptrain.cli.common import add_progress_argument
     add_progress_argument(parser)
     parser.add_argument("--allow-nonfinite", action="store_true",
@@ -236,6 +245,11 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         from gqa_uptrain.checkpoint import check_disjoint
         check_disjoint(source_path, out, "--source", "--output")
+    if args.carry_optimizer_state and out is None:
+        raise ValueError("--carry-optimizer-state needs --output (the state is written with the parameters)")
+    if args.moment_rule is not None and not args.carry_optimizer_state:
+        raise ValueError("--moment-rule only applies with --carry-optimizer-state")
+    moment_rule = args.moment_rule or "sum"
 
     gin_config = None
     if args.gin_file:
@@ -244,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
     src = readers.open_source(source_path, args.source_format, gin_config)  # names and shapes checked, no data read
     cfg = src.config
     convert.validate_target(cfg, args.num_kv_heads, args.layers)
+    # Read (and checked) before any conversion work: a source without optimizer state fails in a second.
+    carried = _source_moments(src, args) if args.carry_optimizer_state else None
 
     needs_calib = args.method in convert.DATA_METHODS or (args.compare and set(methods) & set(convert.DATA_METHODS))
     # Calibration and --compare run the source model, so they need it in memory once; the data-free methods
@@ -269,8 +285,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     grouping: dict[str, Any] = {}
     new_config = convert.target_config(cfg, args.num_kv_heads, args.layers)
+    transforms: dict[str, Any] = {}
     items = convert.iter_converted(tensors, cfg, args.num_kv_heads, args.layers, args.method, args.seed,
-                                   calibration, grouping, measure_error=calibration is not None)
+                                   calibration, grouping, measure_error=calibration is not None,
+                                   transforms=transforms)
     if not args.no_progress:
         from tqdm import tqdm
         items = tqdm(items, total=len(tensors), desc=f"convert ({args.method})", unit="tensor", file=sys.stderr,
@@ -280,19 +298,42 @@ def run(args: argparse.Namespace) -> int:
         return json.dumps({
             "source": str(source_path.absolute()), "source_format": src.format, "source_step": src.step,
             "method": args.method, "num_kv_heads": args.num_kv_heads, "layers": args.layers, "seed": args.seed,
-            "calibration": calib_desc, "head_order": "contiguous: query head i uses kv head i // (num_heads / G)",
+            "calibration": calib_desc, "optimizer_state": carried and {
+                "optimizer": "adafactor", "step": carried.step, "moment_rule": moment_rule,
+                "min_dim_size_to_factor": carried.min_dim_size_to_factor}, "head_order": "contiguous: query head i uses kv head i // (num_heads / G)",
             "source_config": cfg.to_dict(), "config": new_config.to_dict(), "grouping": grouping,
             "versions": _versions(), "source_sha256": readers.sha256_files(src.files), "source_info": src.info,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }, indent=2) + "\n"
 
-    manifest = Manifest(step=src.step, source_step=src.step, converted_from=src.format, method=args.method)
+    def optimizer_items():  # after the parameters: align/svd's per-head transforms are known by then
+        moments = convert.convert_moments(carried.moments, cfg, args.num_kv_heads, args.layers, transforms,
+                                          moment_rule, carried.min_dim_size_to_factor)
+        for name, stats in moments.items():
+            for field, array in stats.items():
+                yield f"{field}/{name}", array
+
+    manifest = Manifest(step=src.step, source_step=src.step, converted_from=src.format, method=args.method,
+                        optimizer_state="adafactor" if carried else None,
+                        optimizer_step=carried.step if carried else None)
     write_checkpoint(out, new_config, items, manifest,
-                     overwrite=args.overwrite, extra_files={"conversion.json": record}, source=str(src.path))
+                     overwrite=args.overwrite, extra_files={"conversion.json": record}, source=str(src.path),
+                     optimizer_state=optimizer_items if carried else None)
+    carried_note = f", Adafactor state carried (step {carried.step}, rule {moment_rule})" if carried else ""
     print(f"wrote {out}: {new_config.num_heads} query heads, kv heads encoder={new_config.enc_kv_heads} "
           f"decoder_self={new_config.dec_self_kv_heads} decoder_cross={new_config.dec_cross_kv_heads}, "
-          f"method={args.method}, source step={src.step} ({time.time() - t0:.1f}s)", file=sys.stderr)
+          f"method={args.method}, source step={src.step}{carried_note} ({time.time() - t0:.1f}s)", file=sys.stderr)
     return 0
+
+
+def _source_moments(src, args):
+    """The source's Adafactor statistics, NaN/Inf-checked like its parameters."""
+    from gqa_uptrain import readers
+    from gqa_uptrain.checkpoint import check_tree_finite
+    carried = readers.read_optimizer_moments(src)
+    check_tree_finite({name: stats for name, stats in carried.moments.items()}, f"{src.path} (optimizer state)",
+                      args.allow_nonfinite)
+    return carried
 
 
 def _tqdm(desc: str, unit: str):
