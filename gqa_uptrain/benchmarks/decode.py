@@ -31,7 +31,7 @@ Example (the CPU run committed in docs/bench/):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gqa_uptrain.cli.common import add_gin_arguments
+    from gqa_uptrain.gin_utils import add_gin_arguments
     add_gin_arguments(parser, default_file="models/t5_1_1/small.gin")
     parser.add_argument("--kv-heads", "--kv_heads", dest="kv_heads", default=None, metavar="G1,G2,...",
                         help="decoder KV-head counts to time (default: every divisor of num_heads)")
@@ -277,7 +277,7 @@ def _plot(rows: list[dict], hf_row: dict | None, path: pathlib.Path, title: str)
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from gqa_uptrain.cli.common import model_config
+    from gqa_uptrain.gin_utils import model_config
     from gqa_uptrain.hostmem import retain_freed_memory
     retain_freed_memory()  # as `infer` / `eval` do; the HF worker process applies it too
 

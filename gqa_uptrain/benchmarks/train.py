@@ -33,7 +33,7 @@ HELP = "Training throughput (tokens/s): ours vs HF PyTorch T5ForConditionalGener
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gqa_uptrain.cli.common import add_gin_arguments
+    from gqa_uptrain.gin_utils import add_gin_arguments
     add_gin_arguments(parser, default_file="models/t5_1_1/tiny.gin")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per step")
     parser.add_argument("--inputs_length", type=int, default=128, help="encoder tokens per sequence")
@@ -191,7 +191,7 @@ def _median(rounds: list[list[float]]) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gqa_uptrain.cli.common import model_config
+    from gqa_uptrain.gin_utils import model_config
     for name in ("steps", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
