@@ -216,7 +216,7 @@ def test_infer_rejects_non_utf8_and_bare_rows(capsys, tmp_path):
     from gqa_uptrain.cli.infer_cmd import _read_inputs
     f = tmp_path / "in.txt"
     f.write_bytes(b"caf\xe9\n")
-    with pytest.raises(ValueError, match="in.txt: not UTF-8 text"):
+    with pytest.raises(ValueError, match="in.txt:1: not UTF-8 text"):
         _read_inputs(str(f))
     j = tmp_path / "in.jsonl"
     j.write_text("7\n")

@@ -2,7 +2,9 @@
 benchmarks use too; they are re-exported here for the commands."""
 from __future__ import annotations
 
-from gqa_uptrain.gin_utils import add_gin_arguments, load_gin, model_config  # noqa: F401  (the commands' helpers)
+from gqa_uptrain.gin_utils import add_gin_arguments, load_gin, model_config
+
+__all__ = ["add_gin_arguments", "add_progress_argument", "load_gin", "model_config"]
 
 
 def add_progress_argument(parser, *aliases: str, dest: str = "no_progress") -> None:
