@@ -26,6 +26,7 @@ import numpy as np
 
 from gqa_uptrain import native_stderr
 from gqa_uptrain.config import ModelConfig
+from gqa_uptrain.trees import flat_params
 
 CONFIG_FILE = "config.json"
 GIN_FILE = "model.gin"
@@ -372,14 +373,6 @@ def save_params(output: str | os.PathLike, params: Any, config: ModelConfig,
     """Write an in-memory params tree (nested or flat) with config.json, model.gin and manifest.json to `output`."""
     check_params_match_config(params, config)
     return write_checkpoint(output, config, flat_params(params).items(), metadata, overwrite, extra_files)
-
-
-def flat_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Flat 'a/b/kernel' view of params; an already flat mapping (possibly lazy) is returned as is."""
-    from flax import traverse_util
-    if params and all(isinstance(k, str) and "/" in k for k in params):
-        return params
-    return traverse_util.flatten_dict(dict(params), sep="/")
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

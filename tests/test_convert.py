@@ -7,6 +7,7 @@ from flax import traverse_util
 
 from gqa_uptrain import convert
 from gqa_uptrain.model import Transformer, init_params
+from gqa_uptrain.trees import nested_params
 
 
 def _batch(vocab, seed=0, b=3, src=10, tgt=7):
@@ -19,7 +20,7 @@ def _batch(vocab, seed=0, b=3, src=10, tgt=7):
 
 
 def _logits(cfg, flat, batch):
-    params = traverse_util.unflatten_dict(flat, sep="/") if any("/" in k for k in flat) else flat
+    params = nested_params(flat)
     enc, dec_in, dec_tgt = batch
     return np.asarray(Transformer(cfg).apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec_in),
                                              jnp.asarray(dec_tgt)))

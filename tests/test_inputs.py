@@ -405,7 +405,7 @@ def test_t5x_kernel_stored_as_a_string(capsys, tmp_path):
     from flax import serialization
     from flax import traverse_util
     cfg, params = _tiny_params()
-    from gqa_uptrain.checkpoint import flat_params
+    from gqa_uptrain.trees import flat_params
     flat = dict(flat_params(traverse_util.unflatten_dict(params, sep="/")))
     flat["decoder/layers_0/mlp/wo/kernel"] = "not a tensor"
     state = {"target": traverse_util.unflatten_dict(flat, sep="/"), "state": {"step": 10}}

@@ -114,8 +114,8 @@ def _loss_fn(config):
 
 def evaluate_loss(params, config, batch, batch_size: int = 16) -> float:
     """Mean token cross-entropy of teacher-forced targets (padding excluded)."""
-    from flax import traverse_util
-    nested = traverse_util.unflatten_dict(params, sep="/") if any("/" in k for k in params) else params
+    from gqa_uptrain.trees import nested_params
+    nested = nested_params(params)
     fn = _loss_fn(config)
     enc, dec_in, tgt = batch
     tot = cnt = 0.0
