@@ -515,17 +515,28 @@ def restore_error(e: BaseException, pytree_dir: pathlib.Path, expected: Mapping[
 
 
 class TensorSource(Mapping):
-    """Lazy flat mapping our name ('decoder/layers_0/mlp/wo/kernel') -> float32 numpy array in our layout.
+    """Lazy flat mapping our name ('decoder/layers_0/mlp/wo/kernel') -> numpy array in our layout (float32 unless
+    `dtypes` says otherwise); a `readers.TensorReader`.
 
     Shapes are known (and were checked) before any data is read; each lookup reads one tensor from disk, which lets
     the converter and exporter stream a checkpoint one tensor at a time."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np.ndarray]):
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np.ndarray],
+                 dtypes: Mapping[str, Any] | None = None):
         self._shapes = dict(shapes)
         self._load = load
+        self._dtypes = dict(dtypes or {})
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def dtype(self, name: str) -> np.dtype:
+        if name not in self._shapes:
+            raise KeyError(name)
+        return np.dtype(self._dtypes.get(name, np.float32))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shapes  # Mapping's default would read the tensor
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._shapes:
@@ -594,9 +605,11 @@ def checked_finite(tensors: Mapping[str, Any], where: str, allow: bool = False,
                 raise ValueError(msg)
             print(f"warning: {msg.split('; refusing')[0]} (proceeding: {flag})", file=sys.stderr)
         return arr
-    shape = getattr(tensors, "shape", None)
-    shapes = {n: (shape(n) if callable(shape) else tuple(np.shape(tensors[n]))) for n in tensors}
-    return TensorSource(shapes, load)
+    if isinstance(tensors, TensorSource) or (callable(getattr(tensors, "shape", None))
+                                             and callable(getattr(tensors, "dtype", None))):
+        return TensorSource({n: tensors.shape(n) for n in tensors}, load, {n: tensors.dtype(n) for n in tensors})
+    arrays = {n: np.asarray(tensors[n]) for n in tensors}  # an in-memory dict: nothing to stream
+    return TensorSource({n: a.shape for n, a in arrays.items()}, load, {n: a.dtype for n, a in arrays.items()})
 
 
 def check_tree_finite(params: Any, where: str, allow: bool = False, flag: str = "--allow-nonfinite") -> None:
