@@ -354,6 +354,8 @@ def write_checkpoint(output: str | os.PathLike, config: ModelConfig, tensors: It
                                  "for this config")
             seen.add(name)
             writer.add(name, array)
+            # Not dead: the loop variable would keep this tensor alive while the next one is read (after a flush
+            # the writer no longer holds it), two tensors instead of one at the streaming peak.
             del array
         missing = sorted(set(want) - seen)
         if missing:

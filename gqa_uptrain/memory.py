@@ -118,8 +118,8 @@ def activation_bytes_per_device(cfg: ModelConfig, mesh_shape: Mapping[str, int],
 def kv_replication_notes(cfg: ModelConfig, model_axis: int) -> list[str]:
     """Why K/V kernels and caches are replicated over `model` (a head is never split inside head_dim)."""
     notes = []
-    for kind, g in (("decoder self-attention", cfg.dec_self_kv_heads),
-                    ("decoder cross-attention", cfg.dec_cross_kv_heads)):
+    for kind, g in (("decoder self-attention", cfg.decoder_self_kv_heads),
+                    ("decoder cross-attention", cfg.decoder_cross_kv_heads)):
         if model_axis > 1 and g % model_axis:
             notes.append(f"{kind} has {g} key/value heads, not divisible by model={model_axis}: its K/V kernels and "
                          "cache are replicated over `model` (a head is never split inside head_dim)")
@@ -135,8 +135,8 @@ def topology_plan(cfg: ModelConfig, topology: str, mesh_spec: str) -> tuple[dict
               "chip": {"name": chip.name, "hbm_bytes": chip.hbm_bytes, "peak_flops": chip.peak_flops,
                        "hbm_bytes_per_second": chip.hbm_bytes_per_second},
               "model": {"d_model": cfg.d_model, "layers": [cfg.num_encoder_layers, cfg.num_decoder_layers],
-                        "num_heads": cfg.num_heads, "kv_heads": [cfg.enc_kv_heads, cfg.dec_self_kv_heads,
-                                                                cfg.dec_cross_kv_heads],
+                        "num_heads": cfg.num_heads, "kv_heads": [cfg.encoder_kv_heads, cfg.decoder_self_kv_heads,
+                                                                cfg.decoder_cross_kv_heads],
                         "dtype": cfg.dtype, "param_dtype": cfg.param_dtype},
               "programs": {}}
     return report, chip, mesh

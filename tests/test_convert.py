@@ -66,8 +66,8 @@ def test_mean_of_equal_heads_reproduces_source(tiny_config, layers):
     want = _logits(cfg, flat, batch)
     for method in ("mean", "first"):
         res = convert.convert_params(flat, cfg, g, layers, method)
-        assert res.config.dec_self_kv_heads == 2 and res.config.dec_cross_kv_heads == 2
-        assert res.config.enc_kv_heads == (2 if layers == "all" else 4)
+        assert res.config.decoder_self_kv_heads == 2 and res.config.decoder_cross_kv_heads == 2
+        assert res.config.encoder_kv_heads == (2 if layers == "all" else 4)
         assert res.params["decoder/layers_0/self_attention/key/kernel"].shape == (cfg.d_model, g * d)
         np.testing.assert_allclose(_logits(res.config, res.params, batch), want, atol=2e-5)
     # And the result differs from the source when heads are NOT equal (the test can fail).
@@ -178,7 +178,7 @@ def test_converting_a_gqa_model_further(tiny_config):
     cfg = tiny_config
     res = convert.convert_params(_flat_params(cfg), cfg, 2, "decoder", "mean")
     res1 = convert.convert_params(res.params, res.config, 1, "decoder", "mean")
-    assert res1.config.dec_self_kv_heads == 1
+    assert res1.config.decoder_self_kv_heads == 1
     direct = convert.convert_params(_flat_params(cfg), cfg, 1, "decoder", "mean")
     name = "decoder/layers_0/self_attention/key/kernel"
     np.testing.assert_allclose(res1.params[name], direct.params[name], rtol=1e-6, atol=1e-7)

@@ -459,3 +459,4 @@ def test_demo_report_links_its_plot_and_drops_toy_timings(tmp_path):
     # KV bytes/token per model: 2 (K,V) x 2 layers x G x 16 x 4 bytes.
     assert "| MQA | 1 | 256 |" in text and "| GQA-2 | 2 | 512 |" in text and "| MHA | 8 | 2,048 |" in text
     assert "gqa-uptrain bench decode" in text and "docs/bench/" in text
+    assert "Tiny T5.1.1 (d_model 128, 8 heads, 2+2 layers, vocab 4224:" in text  # read from the config, not typed

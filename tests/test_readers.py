@@ -13,7 +13,6 @@ from gqa_uptrain import hf, readers
 from gqa_uptrain.cli import main
 from safetensors.numpy import save_file
 
-from gqa_uptrain.export import hf_specs
 from gqa_uptrain.model import init_params
 
 
@@ -235,7 +234,7 @@ def test_convert_cli_hf_to_gqa_then_further(tmp_path, tiny_config, params, capsy
     rc, err = _run(capsys, "convert", "--source", tmp_path / "g2", "--num-kv-heads", 1, "--output", tmp_path / "g1",
                    "--no-progress")
     assert rc == 0, err
-    assert load_params(tmp_path / "g1").config.dec_cross_kv_heads == 1
+    assert load_params(tmp_path / "g1").config.decoder_cross_kv_heads == 1
     rc, err = _run(capsys, "convert", "--source", tmp_path / "g1", "--num-kv-heads", 2, "--output", tmp_path / "x",
                    "--no-progress")
     assert rc == 1 and "current decoder_self key/value head count 1" in err

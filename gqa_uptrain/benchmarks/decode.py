@@ -146,7 +146,7 @@ def time_ours(cfg, batch: int, input_len: int, output_len: int, repeats: int, ba
     t_step = t_dec / output_len
     # Incremental steps only (what the roofline describes): decoder time minus the prefill, per remaining step.
     t_inc = max(t_dec - t_pre, 1e-9) / max(output_len - 1, 1)
-    return {"kv_heads": cfg.dec_self_kv_heads, "time_per_sample_s": t_total / batch,
+    return {"kv_heads": cfg.decoder_self_kv_heads, "time_per_sample_s": t_total / batch,
             "total_s": t_total, "runs_s": times, "encode_s": t_enc, "decode_s": t_dec, "decode_step_s": t_step,
             "prefill_s": t_pre, "incremental_step_s": t_inc,
             "tokens_per_s": batch * output_len / t_total, "kv_cache_self_bytes": kv["self"],

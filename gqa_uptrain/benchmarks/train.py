@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     batch = _batch(cfg, args.batch_size, args.inputs_length, args.targets_length)
     tokens = args.batch_size * (args.inputs_length + args.targets_length)
     print(f"config: d_model={cfg.d_model} layers={cfg.num_encoder_layers}/{cfg.num_decoder_layers} "
-          f"heads={cfg.num_heads} (kv {cfg.dec_self_kv_heads}) d_ff={cfg.d_ff} vocab={cfg.vocab_size}; batch "
+          f"heads={cfg.num_heads} (kv {cfg.decoder_self_kv_heads}) d_ff={cfg.d_ff} vocab={cfg.vocab_size}; batch "
           f"{args.batch_size} x {args.inputs_length}/{args.targets_length}; float32 CPU "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores); "
           f"{args.rounds} rounds x {args.steps} steps per side")

@@ -214,8 +214,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = Manifest(step=src.step, source_step=src.step, converted_from=src.format, method=args.method)
     write_checkpoint(out, new_config, items, manifest,
                      overwrite=args.overwrite, extra_files={"conversion.json": record}, source=str(src.path))
-    print(f"wrote {out}: {new_config.num_heads} query heads, kv heads encoder={new_config.enc_kv_heads} "
-          f"decoder_self={new_config.dec_self_kv_heads} decoder_cross={new_config.dec_cross_kv_heads}, "
+    print(f"wrote {out}: {new_config.num_heads} query heads, kv heads encoder={new_config.encoder_kv_heads} "
+          f"decoder_self={new_config.decoder_self_kv_heads} decoder_cross={new_config.decoder_cross_kv_heads}, "
           f"method={args.method}, source step={src.step} ({time.time() - t0:.1f}s)", file=sys.stderr)
     return 0
 

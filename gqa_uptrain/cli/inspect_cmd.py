@@ -141,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
     total = table.total
     print(f"model: d_model={cfg.d_model} layers={cfg.num_encoder_layers}/{cfg.num_decoder_layers} "
           f"heads={cfg.num_heads} head_dim={cfg.head_dim} d_ff={cfg.d_ff} vocab={cfg.vocab_size}")
-    print(f"kv heads: encoder={cfg.enc_kv_heads} decoder_self={cfg.dec_self_kv_heads} "
-          f"decoder_cross={cfg.dec_cross_kv_heads}  (activations {cfg.dtype}, params {cfg.param_dtype})")
+    print(f"kv heads: encoder={cfg.encoder_kv_heads} decoder_self={cfg.decoder_self_kv_heads} "
+          f"decoder_cross={cfg.decoder_cross_kv_heads}  (activations {cfg.dtype}, params {cfg.param_dtype})")
     for top, n in sorted(table.groups.items()):
         print(f"  {top:<16} {n:>16,}")
     print(f"  {'total':<16} {total:>16,}  ({total / 1e6:,.1f}M, {_fmt_bytes(total * 4)} in float32)")
