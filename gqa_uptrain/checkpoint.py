@@ -29,6 +29,7 @@ import numpy as np
 
 from gqa_uptrain import native_stderr
 from gqa_uptrain.config import ModelConfig
+from gqa_uptrain.trees import flat_params
 
 CONFIG_FILE = "config.json"
 GIN_FILE = "model.gin"
@@ -369,6 +370,8 @@ def write_checkpoint(output: str | os.PathLike, config: ModelConfig, tensors: It
                                  "for this config")
             seen.add(name)
             writer.add(name, array)
+            # Not dead: the loop variable would keep this tensor alive while the next one is read (after a flush
+            # the writer no longer holds it), two tensors instead of one at the streaming peak.
             del array
         missing = sorted(set(want) - seen)
         if missing:
@@ -396,14 +399,6 @@ def save_params(output: str | os.PathLike, params: Any, config: ModelConfig,
     """Write an in-memory params tree (nested or flat) with config.json, model.gin and manifest.json to `output`."""
     check_params_match_config(params, config)
     return write_checkpoint(output, config, flat_params(params).items(), metadata, overwrite, extra_files)
-
-
-def flat_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Flat 'a/b/kernel' view of params; an already flat mapping (possibly lazy) is returned as is."""
-    from flax import traverse_util
-    if params and all(isinstance(k, str) and "/" in k for k in params):
-        return params
-    return traverse_util.flatten_dict(dict(params), sep="/")
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -546,17 +541,28 @@ def restore_error(e: BaseException, pytree_dir: pathlib.Path, expected: Mapping[
 
 
 class TensorSource(Mapping):
-    """Lazy flat mapping our name ('decoder/layers_0/mlp/wo/kernel') -> float32 numpy array in our layout.
+    """Lazy flat mapping our name ('decoder/layers_0/mlp/wo/kernel') -> numpy array in our layout (float32 unless
+    `dtypes` says otherwise); a `readers.TensorReader`.
 
     Shapes are known (and were checked) before any data is read; each lookup reads one tensor from disk, which lets
     the converter and exporter stream a checkpoint one tensor at a time."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np.ndarray]):
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np.ndarray],
+                 dtypes: Mapping[str, Any] | None = None):
         self._shapes = dict(shapes)
         self._load = load
+        self._dtypes = dict(dtypes or {})
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def dtype(self, name: str) -> np.dtype:
+        if name not in self._shapes:
+            raise KeyError(name)
+        return np.dtype(self._dtypes.get(name, np.float32))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shapes  # Mapping's default would read the tensor
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._shapes:
@@ -728,9 +734,11 @@ def checked_finite(tensors: Mapping[str, Any], where: str, allow: bool = False,
                 raise ValueError(msg)
             print(f"warning: {msg.split('; refusing')[0]} (proceeding: {flag})", file=sys.stderr)
         return arr
-    shape = getattr(tensors, "shape", None)
-    shapes = {n: (shape(n) if callable(shape) else tuple(np.shape(tensors[n]))) for n in tensors}
-    return TensorSource(shapes, load)
+    if isinstance(tensors, TensorSource) or (callable(getattr(tensors, "shape", None))
+                                             and callable(getattr(tensors, "dtype", None))):
+        return TensorSource({n: tensors.shape(n) for n in tensors}, load, {n: tensors.dtype(n) for n in tensors})
+    arrays = {n: np.asarray(tensors[n]) for n in tensors}  # an in-memory dict: nothing to stream
+    return TensorSource({n: a.shape for n, a in arrays.items()}, load, {n: a.dtype for n, a in arrays.items()})
 
 
 def check_tree_finite(params: Any, where: str, allow: bool = False, flag: str = "--allow-nonfinite") -> None:

@@ -77,19 +77,6 @@ class ModelConfig:
                 raise ConfigError(f"ModelConfig.{name} must be float32, bfloat16 or float16, "
                                   f"got {getattr(self, name)!r}")
 
-    # Resolved head counts (None -> MHA).
-    @property
-    def enc_kv_heads(self) -> int:
-        return self.encoder_kv_heads or self.num_heads
-
-    @property
-    def dec_self_kv_heads(self) -> int:
-        return self.decoder_self_kv_heads or self.num_heads
-
-    @property
-    def dec_cross_kv_heads(self) -> int:
-        return self.decoder_cross_kv_heads or self.num_heads
-
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -101,13 +88,13 @@ class ModelConfig:
         """Decoder self-attention KV-cache bytes for one generated token (all layers, K and V)."""
         if dtype_bytes is None:
             dtype_bytes = 4 if self.dtype == "float32" else 2
-        return 2 * self.num_decoder_layers * self.dec_self_kv_heads * self.head_dim * dtype_bytes
+        return 2 * self.num_decoder_layers * self.decoder_self_kv_heads * self.head_dim * dtype_bytes
 
     def cross_kv_bytes_per_source_token(self, dtype_bytes: int | None = None) -> int:
         """Cross-attention K/V bytes kept per encoder position while decoding (all decoder layers)."""
         if dtype_bytes is None:
             dtype_bytes = 4 if self.dtype == "float32" else 2
-        return 2 * self.num_decoder_layers * self.dec_cross_kv_heads * self.head_dim * dtype_bytes
+        return 2 * self.num_decoder_layers * self.decoder_cross_kv_heads * self.head_dim * dtype_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

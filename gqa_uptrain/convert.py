@@ -315,7 +315,7 @@ def iter_converted(params: Mapping[str, Any], config: ModelConfig, num_kv_heads:
     if method not in METHODS:
         raise ValueError(f"unknown conversion method {method!r}; choose one of {METHODS}")
     validate_target(config, num_kv_heads, layers)
-    from gqa_uptrain.checkpoint import flat_params
+    from gqa_uptrain.trees import flat_params
     flat = flat_params(params)
     h, d = config.num_heads, config.head_dim
     jobs = [(kind, p) for kind in kinds_for(layers) for p in module_paths(config, kind)]
@@ -458,9 +458,9 @@ def collect_calibration(params: Any, config: ModelConfig, encoder_tokens: np.nda
     """
     import flax.linen as nn
     import jax.numpy as jnp
-    from flax import traverse_util
 
     from gqa_uptrain.model import Transformer
+    from gqa_uptrain.trees import nested_params
     wanted = {p for kind in kinds_for(layers) for p in module_paths(config, kind)}
     captured: dict[str, np.ndarray] = {}
 
@@ -472,7 +472,7 @@ def collect_calibration(params: Any, config: ModelConfig, encoder_tokens: np.nda
                 captured[prefix] = np.asarray(args[0])
         return next_fun(*args, **kwargs)
 
-    nested = params if not any("/" in k for k in params) else traverse_util.unflatten_dict(dict(params), sep="/")
+    nested = nested_params(params)
     with nn.intercept_methods(interceptor):
         Transformer(config).apply({"params": nested}, jnp.asarray(encoder_tokens), jnp.asarray(decoder_input_tokens),
                                   None if decoder_target_tokens is None else jnp.asarray(decoder_target_tokens))

@@ -21,13 +21,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
-import json
 import os
 import pathlib
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from gqa_uptrain.jsonl import is_jsonl
 from gqa_uptrain.tf_quiet import seqio, tf  # noqa: E402  (TF/seqio imported without start-up noise)
 
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
@@ -40,6 +40,7 @@ WORDNET_GLOSS_FILES = {
 # corpus, registered as extra splits of the span-corruption task so that every eval can be repeated on it.
 HELDOUT_FILES = {"python_docs": ASSETS_DIR / "heldout" / "python_docs.txt.gz"}
 DEFAULT_EXTRA_IDS = 100
+PAD_ID, EOS_ID = 0, 1  # the bundled vocabulary's (and T5's) padding and end-of-sequence ids
 
 SPAN_CORRUPTION_TASK = "gqa_span_corruption"
 WORDNET_GLOSS_TASK = "gqa_wordnet_gloss"
@@ -75,6 +76,10 @@ def bundled_vocab_size(extra_ids: int = DEFAULT_EXTRA_IDS) -> int:
     """
     return bundled_vocabulary(extra_ids).vocab_size
 
+
+def fits_bundled_vocabulary(vocab_size: int) -> bool:
+    """Whether a model with `vocab_size` embedding rows can read the bundled data (every piece and sentinel)."""
+    return vocab_size >= bundled_vocab_size()
 
 
 def default_output_features(vocabulary: Optional[seqio.Vocabulary] = None) -> dict[str, seqio.Feature]:
@@ -333,10 +338,6 @@ def span_corruption(
 # ==================================================================== sources
 
 
-def _is_jsonl(path: str) -> bool:
-    return path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))
-
-
 def _resolve_files(files: Files, what: str) -> list[str]:
     """Expands paths/globs; ValueError naming the path when nothing matches."""
     if isinstance(files, (str, os.PathLike)):
@@ -354,7 +355,7 @@ def _resolve_files(files: Files, what: str) -> list[str]:
         out.extend(matches)
     if not out:
         raise ValueError(f"{what}: no files given")
-    kinds = {_is_jsonl(f) for f in out}
+    kinds = {is_jsonl(f) for f in out}
     if len(kinds) > 1:
         raise ValueError(f"{what}: mixes JSONL and plain-text files: {out}")
     return out
@@ -377,14 +378,16 @@ class LineFileDataSource(seqio.FileDataSource):
         """``fields``: JSONL keys to keep (all strings); ``text_field``: plain-text key."""
         self._fields = tuple(fields or (text_field,))
         self._text_field = text_field
-        jsonl = {_is_jsonl(f) for files in split_to_files.values() for f in files}
+        jsonl = {is_jsonl(f) for files in split_to_files.values() for f in files}
         self._jsonl = jsonl == {True}
 
         def read_file_fn(path):
             compression = tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
-            lines = tf.data.TextLineDataset(path, compression_type=compression)
-            lines = lines.filter(lambda s: tf.strings.length(tf.strings.strip(s)) > 0)
-            return lines.map(self._parse_jsonl if self._jsonl else self._wrap_text)
+            lines = tf.data.TextLineDataset(path, compression_type=compression).enumerate(start=1)
+            lines = lines.filter(lambda _, s: tf.strings.length(tf.strings.strip(s)) > 0)
+            if self._jsonl:
+                return lines.map(lambda lineno, s: self._parse_jsonl(path, lineno, s))
+            return lines.map(lambda _, s: {self._text_field: s})
 
         super().__init__(
             read_file_fn=read_file_fn, split_to_filepattern={k: list(v) for k, v in split_to_files.items()}
@@ -394,20 +397,16 @@ class LineFileDataSource(seqio.FileDataSource):
         # Paths are already resolved; avoid re-globbing names that contain glob characters.
         return list(self._split_to_filepattern[split])
 
-    def _wrap_text(self, line):
-        return {self._text_field: line}
-
-    def _parse_jsonl(self, line):
+    def _parse_jsonl(self, path, lineno, line):
         fields = self._fields
 
-        def parse(raw):
-            obj = json.loads(raw.numpy().decode("utf-8"))
-            missing = [f for f in fields if f not in obj]
-            if missing:
-                raise ValueError(f"JSONL record lacks field(s) {missing}: {raw.numpy()[:200]!r}")
+        def parse(path, lineno, raw):
+            from gqa_uptrain.jsonl import parse_record
+            where = f"{path.numpy().decode()}:{int(lineno)}"
+            obj = parse_record(raw.numpy().decode("utf-8"), where, fields)
             return [str(obj[f]) for f in fields]
 
-        values = tf.py_function(parse, [line], [tf.string] * len(fields))
+        values = tf.py_function(parse, [path, lineno, line], [tf.string] * len(fields))
         return {f: tf.ensure_shape(v, []) for f, v in zip(fields, values, strict=True)}
 
 

@@ -11,7 +11,6 @@ Each example may have one reference (str) or several (list of str).
 from __future__ import annotations
 
 import collections
-import json
 import math
 import pathlib
 import re
@@ -148,14 +147,8 @@ def format_table(results: Mapping[str, float], title: str = "") -> str:
 # ----------------------------------------------------------------------------------------- input files
 
 
-def _seq2seq_record(obj, path, lineno: int, inputs_key: str, targets_key: str) -> tuple[str, Reference]:
+def _seq2seq_example(obj: dict, where: str, inputs_key: str, targets_key: str) -> tuple[str, Reference]:
     """One JSONL record -> (inputs, reference or references); anything else names the line and the value."""
-    where = f"{path}:{lineno}"
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object with {inputs_key!r} and {targets_key!r}, got {obj!r}"[:200])
-    missing = [k for k in (inputs_key, targets_key) if k not in obj]
-    if missing:
-        raise ValueError(f"{where}: record lacks field(s) {missing}")
     inputs, target = obj[inputs_key], obj[targets_key]
     if not isinstance(inputs, str):
         raise ValueError(f"{where}: {inputs_key!r} must be a string, got {inputs!r}"[:200])
@@ -170,40 +163,22 @@ def read_seq2seq_file(path: str | pathlib.Path, inputs_key: str = "inputs",
                       targets_key: str = "targets") -> list[tuple[str, Reference]]:
     """Examples from JSONL ({"inputs": ..., "targets": str or [str, ...]}) or TSV (inputs<TAB>targets[<TAB>more
     references]). `.gz` files are read transparently. Blank lines are skipped."""
-    import gzip
-    import zlib
+    from gqa_uptrain import jsonl
     path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"evaluation file {path} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
-    stem = path.name[:-3] if path.suffix == ".gz" else path.name
-    is_jsonl = stem.endswith((".jsonl", ".json"))
-    if not is_jsonl and not stem.endswith((".tsv", ".txt")):
+    stem = path.name.removesuffix(".gz")
+    if path.exists() and not jsonl.is_jsonl(stem) and not stem.endswith((".tsv", ".txt")):
         raise ValueError(f"{path}: unknown format; use .jsonl (fields {inputs_key!r}, {targets_key!r}) or .tsv")
-    examples = []
-    lineno = 0
-    # Decoding errors name no file; translate them here, where the file and line are known.
-    try:
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = raw.decode("utf-8").replace("\r\n", "\n")  # per line, so an error can name the line
-                if not line.strip():
-                    continue
-                if is_jsonl:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
-                    examples.append(_seq2seq_record(obj, path, lineno, inputs_key, targets_key))
-                else:
-                    parts = line.rstrip("\n").split("\t")
-                    if len(parts) < 2:
-                        raise ValueError(f"{path}:{lineno}: expected inputs<TAB>targets, found no tab")
-                    examples.append((parts[0], parts[1] if len(parts) == 2 else parts[1:]))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise ValueError(f"{path}: corrupt or truncated gzip file ({e or type(e).__name__})") from None
+    keys = (inputs_key, targets_key)
+    if jsonl.is_jsonl(stem):
+        examples = [_seq2seq_example(obj, where, *keys)
+                    for where, obj in jsonl.read_jsonl(path, keys, what="evaluation file")]
+    else:
+        examples = []
+        for lineno, line in jsonl.read_lines(path, what="evaluation file"):
+            parts = line.split("\t")
+            if len(parts) < 2:
+                raise ValueError(f"{path}:{lineno}: expected inputs<TAB>targets, found no tab")
+            examples.append((parts[0], parts[1] if len(parts) == 2 else parts[1:]))
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples

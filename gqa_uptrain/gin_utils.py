@@ -1,9 +1,11 @@
 """gin at the edge: parsing --gin_file / --gin.NAME=value the T5X way and building typed configs from bindings.
 
-Library code never reads gin; the CLI calls `parse_gin` once and then `model_config_from_gin()`.
+Library code never reads gin; a command adds the gin flags (`add_gin_arguments`), calls `load_gin` once and then
+`model_config_from_gin()` (or `model_config` for both, or `resolve_model_config` for a training run).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import math
@@ -294,3 +296,75 @@ def model_config_to_gin(config: ModelConfig) -> str:
     for f in dataclasses.fields(ModelConfig):
         lines.append(f"ModelConfig.{f.name} = {getattr(config, f.name)!r}")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ commands' gin flags
+
+
+def add_gin_arguments(parser: argparse.ArgumentParser, default_file: str | None = None) -> None:
+    """--gin_file (repeatable) and --gin_search_paths; `load_gin` reads them (with the --gin.NAME=VALUE bindings
+    the CLI split off into args.gin_bindings)."""
+    parser.add_argument("--gin_file", action="append", default=None, metavar="FILE",
+                        help="gin config file (repeatable), searched in ./ and configs/"
+                             + (f"; default {default_file}" if default_file else ""))
+    parser.add_argument("--gin_search_paths", action="append", default=[], metavar="DIR",
+                        help="extra directories to search for gin files and includes")
+    parser.set_defaults(_default_gin_file=default_file)
+
+
+def load_gin(args: argparse.Namespace) -> None:
+    """Parse the files and bindings a command's flags name (see `add_gin_arguments`)."""
+    files = args.gin_file or ([args._default_gin_file] if args._default_gin_file else [])
+    parse_gin(files, getattr(args, "gin_bindings", []), args.gin_search_paths, getattr(args, "_command_macros", ()))
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """`load_gin`, then the bound ModelConfig."""
+    load_gin(args)
+    return model_config_from_gin()
+
+
+# Fields that may legitimately differ between a checkpoint and the run that continues it.
+_RUNTIME_FIELDS = ("dropout_rate", "dtype", "param_dtype")
+
+
+def resolve_model_config(model_dir: str | None, initial_checkpoint: str | None) -> ModelConfig:
+    """The model config of a training run, after `load_gin`.
+
+    Without a model gin file, the architecture comes from `model_dir` (when resuming) or `initial_checkpoint`, with
+    DROPOUT_RATE / ACTIVATION_DTYPE macros applied when the run file sets them (finetune.gin does). With a model
+    gin file, it must describe the same architecture as that checkpoint.
+    """
+    from gqa_uptrain import checkpoint
+    source = None
+    for d in (model_dir, initial_checkpoint):
+        if d and (pathlib.Path(d) / checkpoint.CONFIG_FILE).exists():
+            source = (d, checkpoint.read_config(d))
+            break
+    try:
+        gin.query_parameter("ModelConfig.d_model")
+        bound = True
+    except ValueError:
+        bound = False
+    if bound:
+        mcfg = model_config_from_gin()
+        if source:
+            d, scfg = source
+            diff = [f.name for f in dataclasses.fields(scfg) if f.name not in _RUNTIME_FIELDS
+                    and getattr(scfg, f.name) != getattr(mcfg, f.name)]
+            if diff:
+                k = diff[0]
+                raise ValueError(f"{d}/config.json has {k}={getattr(scfg, k)!r} but the gin model config has "
+                                 f"{getattr(mcfg, k)!r} (differing: {', '.join(diff)}); drop the model gin file "
+                                 "to take the architecture from the checkpoint, or fix the override")
+        return mcfg
+    if source is None:
+        raise ValueError("no model config: pass a model gin file (e.g. --gin_file=models/t5_1_1/tiny.gin) or an "
+                         "INITIAL_CHECKPOINT / MODEL_DIR that has a config.json")
+    mcfg = source[1]
+    for macro, field in (("DROPOUT_RATE", "dropout_rate"), ("ACTIVATION_DTYPE", "dtype")):
+        try:
+            mcfg = mcfg.replace(**{field: gin.query_parameter(f"%{macro}")})
+        except ValueError:
+            pass
+    return mcfg

@@ -316,7 +316,7 @@ def iter_hf_tensors(params: Any, config: ModelConfig, expand_kv: bool = False,
 
     With `expand_kv` GQA K/V kernels are repeated to num_heads heads so stock HF T5 can load the result.
     """
-    from gqa_uptrain.checkpoint import flat_params
+    from gqa_uptrain.trees import flat_params
     flat = flat_params(params)
     for m in name_map(config):
         w = np.asarray(flat[m.ours], dtype)

@@ -135,7 +135,7 @@ class EncoderLayer(nn.Module):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         h = RMSNorm(cfg.layer_norm_epsilon, name="pre_attention_layer_norm", **_common(cfg))(x)
-        h = Attention(cfg.num_heads, cfg.enc_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
+        h = Attention(cfg.num_heads, cfg.encoder_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
                       name="attention", **_common(cfg))(h, h, bias=bias, mask=mask, enable_dropout=enable_dropout)
         x = x + drop(h, deterministic=not enable_dropout)
         h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **_common(cfg))(x)
@@ -154,13 +154,13 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         h = RMSNorm(cfg.layer_norm_epsilon, name="pre_self_attention_layer_norm", **_common(cfg))(x)
-        h = Attention(cfg.num_heads, cfg.dec_self_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
+        h = Attention(cfg.num_heads, cfg.decoder_self_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
                       name="self_attention", **_common(cfg))(
             h, h, bias=self_bias, mask=self_mask, enable_dropout=enable_dropout, decode=decode,
             decode_index=decode_index, max_decode_length=max_decode_length)
         x = x + drop(h, deterministic=not enable_dropout)
         h = RMSNorm(cfg.layer_norm_epsilon, name="pre_cross_attention_layer_norm", **_common(cfg))(x)
-        h = Attention(cfg.num_heads, cfg.dec_cross_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
+        h = Attention(cfg.num_heads, cfg.decoder_cross_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
                       is_cross_attention=True, name="encoder_decoder_attention", **_common(cfg))(
             h, encoded, mask=cross_mask, enable_dropout=enable_dropout, decode=decode)
         x = x + drop(h, deterministic=not enable_dropout)

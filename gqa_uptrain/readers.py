@@ -22,7 +22,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, KeysView, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,12 +35,37 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 
+
+@runtime_checkable
+class TensorReader(Protocol):
+    """What every checkpoint reader here is: a lazy, read-only name -> numpy array mapping.
+
+    Names and each tensor's shape and dtype come from headers / metadata without reading data; `reader[name]`
+    reads that one tensor from disk. Implemented by `SafetensorsFile`, `ShardedSafetensors`, `TorchBinTensors` (HF),
+    `T5XTensors` (T5X, in T5X's names and layout) and `checkpoint.TensorSource` (ours, and every `Source.tensors`:
+    our names and layout, float32)."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def keys(self) -> KeysView[str]: ...
+
+    def __getitem__(self, name: str) -> np.ndarray: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> np.dtype: ...
+
+
 @dataclasses.dataclass
 class Source:
     """A source checkpoint opened lazily in our layout (`tensors`: flat names, float32 numpy on lookup)."""
 
     config: ModelConfig
-    tensors: Mapping[str, np.ndarray]
+    tensors: TensorReader
     format: str
     path: str
     step: int | None = None
@@ -67,7 +92,9 @@ class SafetensorsFile(Mapping):
         with self._open() as f:
             self.metadata = f.metadata() or {}
             self._names = list(f.keys())
-            self._shapes = {n: tuple(f.get_slice(n).get_shape()) for n in self._names}
+            slices = {n: f.get_slice(n) for n in self._names}
+            self._shapes = {n: tuple(sl.get_shape()) for n, sl in slices.items()}
+            self._dtypes = {n: _safetensors_dtype(sl.get_dtype(), self.path, n) for n, sl in slices.items()}
 
     @contextlib.contextmanager
     def _open(self, what: str = ""):
@@ -96,11 +123,29 @@ class SafetensorsFile(Mapping):
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
+    def dtype(self, name: str) -> np.dtype:
+        return self._dtypes[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shapes  # Mapping's default would read the tensor
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def _safetensors_dtype(code: str, path: pathlib.Path, name: str) -> np.dtype:
+    """A safetensors header dtype code ('F32', 'BF16', ...) as the numpy dtype `get_tensor` returns."""
+    import ml_dtypes
+    codes = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32,
+             "I32": np.int32, "U64": np.uint64, "I64": np.int64, "F16": np.float16, "F32": np.float32,
+             "F64": np.float64, "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+             "F8_E5M2": ml_dtypes.float8_e5m2}
+    if code not in codes:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {code}, which numpy cannot hold")
+    return np.dtype(codes[code])
 
 
 def _first_line(e: BaseException) -> str:
@@ -148,6 +193,12 @@ class ShardedSafetensors(Mapping):
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shards[self._where[name]].shape(name)
 
+    def dtype(self, name: str) -> np.dtype:
+        return self._shards[self._where[name]].dtype(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         return self._shards[self._where[name]].read_rows(name, start, stop)
 
@@ -158,17 +209,50 @@ class ShardedSafetensors(Mapping):
         return len(self._where)
 
 
-def open_torch_bin(path: pathlib.Path) -> Mapping[str, Any]:
-    """pytorch_model.bin (pickle) through torch.load(weights_only=True, mmap=True); refused without torch."""
-    try:
+class TorchBinTensors(Mapping):
+    """pytorch_model.bin (pickle) through torch.load(weights_only=True, mmap=True), refused without torch. The
+    tensors stay memory-mapped; a lookup converts one to numpy (bfloat16 as ml_dtypes.bfloat16)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = pathlib.Path(path)
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"{path} is a pickle checkpoint; refusing to read it without torch (install the 'hf' "
+                             "extra, or convert it to safetensors)") from None
+        try:
+            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for corrupt files
+            raise ValueError(f"{path}: cannot load with torch.load(weights_only=True): {e}") from None
+        if not isinstance(self._tensors, Mapping):
+            raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(self._tensors).__name__}")
+
+    def __getitem__(self, name: str) -> np.ndarray:
         import torch
-    except ImportError:
-        raise ValueError(f"{path} is a pickle checkpoint; refusing to read it without torch (install the 'hf' "
-                         "extra, or convert it to safetensors)") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for corrupt files
-        raise ValueError(f"{path}: cannot load with torch.load(weights_only=True): {e}") from None
+        t = self._tensors[name].detach()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        import ml_dtypes
+        import torch
+        t = self._tensors[name]
+        return np.dtype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else np.dtype(
+            torch.empty((), dtype=t.dtype).numpy().dtype)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 def _hf_root(directory: pathlib.Path) -> pathlib.Path:
@@ -194,7 +278,7 @@ def open_hf(path: str | os.PathLike) -> tuple[Mapping[str, Any], dict[str, Any],
     root = _hf_root(directory)
     if path.is_file():
         if path.suffix == ".bin":
-            return open_torch_bin(path), hf_config, [cfg_path, path]
+            return TorchBinTensors(path), hf_config, [cfg_path, path]
         if path.name.endswith(".index.json"):
             sharded = ShardedSafetensors(path, root)
             return sharded, hf_config, [cfg_path, *sharded.files]
@@ -205,7 +289,7 @@ def open_hf(path: str | os.PathLike) -> tuple[Mapping[str, Any], dict[str, Any],
         sharded = ShardedSafetensors(directory / SAFETENSORS_INDEX, root)
         return sharded, hf_config, [cfg_path, *sharded.files]
     if (directory / TORCH_BIN).exists():
-        return open_torch_bin(directory / TORCH_BIN), hf_config, [cfg_path, directory / TORCH_BIN]
+        return TorchBinTensors(directory / TORCH_BIN), hf_config, [cfg_path, directory / TORCH_BIN]
     raise FileNotFoundError(f"{directory}: no {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN}")
 
 
@@ -278,6 +362,12 @@ class T5XTensors(Mapping):
             return tuple(v.get("metadata", {}).get("shape", ())) or tuple(self._open_ts(name, v).shape)
         return tuple(np.shape(v))
 
+    def dtype(self, name: str) -> np.dtype:
+        v = self._flat[name]
+        if _is_ts_spec(v):
+            return np.dtype(self._open_ts(name, v).dtype.numpy_dtype)
+        return np.asarray(v).dtype
+
     def _open_ts(self, name: str, spec: dict[str, Any]):
         import tensorstore as ts
         path = self._ts_path(name, spec)
@@ -300,6 +390,9 @@ class T5XTensors(Mapping):
 
     def release(self, name: str) -> None:
         self._flat[name] = None  # inline arrays: drop our reference after conversion
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._flat
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._flat)

@@ -24,7 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def main(argv: list[str]) -> int:
-    from gqa_uptrain.cli.common import add_gin_arguments, model_config
+    from gqa_uptrain.gin_utils import add_gin_arguments, model_config
     from gqa_uptrain.gin_utils import split_gin_overrides
     argv, bindings = split_gin_overrides(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -66,7 +66,7 @@ def test_topologies_count_devices_as_jax_does(aot):
 
 
 def test_train_step_compiles_and_arguments_are_the_sharded_state(aot):
-    from gqa_uptrain.cli.inspect_cmd import activation_bytes_per_device
+    from gqa_uptrain.memory import activation_bytes_per_device
     from gqa_uptrain.train import TrainConfig
     mesh = aot.topology_mesh("v5e:2x2", "data=1,fsdp=2,model=2")
     tc = TrainConfig(model_dir="unused", train_steps=1, batch_size=16, inputs_length=128, targets_length=128,

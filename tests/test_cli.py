@@ -66,7 +66,7 @@ def test_missing_gin_file_is_clear(capsys):
 def test_gin_overrides_and_unquoted_strings():
     gin_utils.parse_gin(["models/t5_1_1/tiny.gin"], ["NUM_KV_HEADS = 2", "ModelConfig.dtype = bfloat16"])
     cfg = gin_utils.model_config_from_gin()
-    assert (cfg.dec_self_kv_heads, cfg.dec_cross_kv_heads, cfg.enc_kv_heads) == (2, 2, 8)
+    assert (cfg.decoder_self_kv_heads, cfg.decoder_cross_kv_heads, cfg.encoder_kv_heads) == (2, 2, 8)
     assert cfg.dtype == "bfloat16" and type(cfg).__name__ == "ModelConfig"
 
 
@@ -101,3 +101,47 @@ def test_gin_files_resolve_with_or_without_configs_prefix(tmp_path, monkeypatch,
     a = _total(capsys.readouterr().out)
     assert main(["inspect", "--gin_file=models/t5_1_1/small.gin", "--summary"]) == 0
     assert _total(capsys.readouterr().out) == a
+
+
+# --- one line for the user's mistakes, a traceback for bugs -------------------------------------------------------
+
+def test_bad_flag_is_one_line_but_a_bug_keeps_its_traceback(capsys, monkeypatch):
+    from gqa_uptrain import memory
+    rc = main(["inspect", "--summary", "--mesh", "data=x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("gqa-uptrain inspect: error: ") and "data=x" in err[0]
+
+    def broken(*args, **kwargs):
+        raise TypeError("parameter_table() got an unexpected keyword argument 'mesh'")
+    monkeypatch.setattr(memory, "parameter_table", broken)
+    with pytest.raises(TypeError, match="unexpected keyword"):  # propagates: the traceback is printed
+        main(["inspect", "--summary"])
+
+    def lookup_bug(*args, **kwargs):
+        return {}["no_such_key"]
+    monkeypatch.setattr(memory, "parameter_table", lookup_bug)
+    with pytest.raises(KeyError):
+        main(["inspect", "--summary"])
+
+    def numpy_bug(*args, **kwargs):
+        import numpy as np
+        return np.ones(2) + np.ones(3)  # a ValueError raised inside numpy, not by a validation point of ours
+    monkeypatch.setattr(memory, "parameter_table", numpy_bug)
+    with pytest.raises(ValueError, match="broadcast"):
+        main(["inspect", "--summary"])
+
+
+def test_train_config_errors_are_one_line_and_bugs_are_not(capsys, monkeypatch, tmp_path):
+    argv = ["train", "--gin_file=models/t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin",
+            f"--gin.MODEL_DIR={tmp_path / 'run'}", "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=0"]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "TrainConfig.batch_size must be >= 1, got 0" in err[0], err
+    from gqa_uptrain import gin_utils as gu
+
+    def broken(*args, **kwargs):
+        raise TypeError("resolve_model_config() takes 2 positional arguments but 3 were given")
+    monkeypatch.setattr(gu, "resolve_model_config", broken)
+    with pytest.raises(TypeError, match="positional arguments"):
+        main(argv[:-1] + ["--gin.BATCH_SIZE=2"])
+    assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ from flax import traverse_util
 
 from gqa_uptrain import convert
 from gqa_uptrain.model import Transformer, init_params
+from gqa_uptrain.trees import nested_params
 
 
 def _batch(vocab, seed=0, b=3, src=10, tgt=7):
@@ -19,7 +20,7 @@ def _batch(vocab, seed=0, b=3, src=10, tgt=7):
 
 
 def _logits(cfg, flat, batch):
-    params = traverse_util.unflatten_dict(flat, sep="/") if any("/" in k for k in flat) else flat
+    params = nested_params(flat)
     enc, dec_in, dec_tgt = batch
     return np.asarray(Transformer(cfg).apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec_in),
                                              jnp.asarray(dec_tgt)))
@@ -65,8 +66,8 @@ def test_mean_of_equal_heads_reproduces_source(tiny_config, layers):
     want = _logits(cfg, flat, batch)
     for method in ("mean", "first"):
         res = convert.convert_params(flat, cfg, g, layers, method)
-        assert res.config.dec_self_kv_heads == 2 and res.config.dec_cross_kv_heads == 2
-        assert res.config.enc_kv_heads == (2 if layers == "all" else 4)
+        assert res.config.decoder_self_kv_heads == 2 and res.config.decoder_cross_kv_heads == 2
+        assert res.config.encoder_kv_heads == (2 if layers == "all" else 4)
         assert res.params["decoder/layers_0/self_attention/key/kernel"].shape == (cfg.d_model, g * d)
         np.testing.assert_allclose(_logits(res.config, res.params, batch), want, atol=2e-5)
     # And the result differs from the source when heads are NOT equal (the test can fail).
@@ -177,7 +178,7 @@ def test_converting_a_gqa_model_further(tiny_config):
     cfg = tiny_config
     res = convert.convert_params(_flat_params(cfg), cfg, 2, "decoder", "mean")
     res1 = convert.convert_params(res.params, res.config, 1, "decoder", "mean")
-    assert res1.config.dec_self_kv_heads == 1
+    assert res1.config.decoder_self_kv_heads == 1
     direct = convert.convert_params(_flat_params(cfg), cfg, 1, "decoder", "mean")
     name = "decoder/layers_0/self_attention/key/kernel"
     np.testing.assert_allclose(res1.params[name], direct.params[name], rtol=1e-6, atol=1e-7)

@@ -216,7 +216,7 @@ def test_infer_rejects_non_utf8_and_bare_rows(capsys, tmp_path):
     from gqa_uptrain.cli.infer_cmd import _read_inputs
     f = tmp_path / "in.txt"
     f.write_bytes(b"caf\xe9\n")
-    with pytest.raises(ValueError, match="in.txt: not UTF-8 text"):
+    with pytest.raises(ValueError, match="in.txt:1: not UTF-8 text"):
         _read_inputs(str(f))
     j = tmp_path / "in.jsonl"
     j.write_text("7\n")
@@ -405,7 +405,7 @@ def test_t5x_kernel_stored_as_a_string(capsys, tmp_path):
     from flax import serialization
     from flax import traverse_util
     cfg, params = _tiny_params()
-    from gqa_uptrain.checkpoint import flat_params
+    from gqa_uptrain.trees import flat_params
     flat = dict(flat_params(traverse_util.unflatten_dict(params, sep="/")))
     flat["decoder/layers_0/mlp/wo/kernel"] = "not a tensor"
     state = {"target": traverse_util.unflatten_dict(flat, sep="/"), "state": {"step": 10}}
@@ -459,3 +459,4 @@ def test_demo_report_links_its_plot_and_drops_toy_timings(tmp_path):
     # KV bytes/token per model: 2 (K,V) x 2 layers x G x 16 x 4 bytes.
     assert "| MQA | 1 | 256 |" in text and "| GQA-2 | 2 | 512 |" in text and "| MHA | 8 | 2,048 |" in text
     assert "gqa-uptrain bench decode" in text and "docs/bench/" in text
+    assert "Tiny T5.1.1 (d_model 128, 8 heads, 2+2 layers, vocab 4224:" in text  # read from the config, not typed

@@ -13,7 +13,6 @@ from gqa_uptrain import hf, readers
 from gqa_uptrain.cli import main
 from safetensors.numpy import save_file
 
-from gqa_uptrain.export import hf_specs
 from gqa_uptrain.model import init_params
 
 
@@ -72,14 +71,71 @@ def test_hf_safetensors_single_and_sharded(tmp_path, tiny_config, params, shards
 def test_safetensors_reader_reads_library_files(tmp_path):
     """SafetensorsFile (the library's safe_open underneath) reads what the library writes, bf16 and row ranges too."""
     import ml_dtypes
+    from safetensors.numpy import load_file
     arrs = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((2,), np.int64),
             "c": np.linspace(0, 1, 6).astype(ml_dtypes.bfloat16).reshape(2, 3)}
     save_file(arrs, str(tmp_path / "ref.safetensors"))
     f = readers.SafetensorsFile(tmp_path / "ref.safetensors")
+    ref = load_file(str(tmp_path / "ref.safetensors"))  # the safetensors package's own reader
+    assert sorted(ref) == sorted(f) == ["a", "b", "c"] and ref["c"].dtype == ml_dtypes.bfloat16
     for k, v in arrs.items():
-        assert f[k].dtype == v.dtype and f.shape(k) == v.shape
-        np.testing.assert_array_equal(f[k].astype(np.float32), v.astype(np.float32))
+        assert f[k].dtype == v.dtype == ref[k].dtype == f.dtype(k) and f.shape(k) == v.shape
+        # Bit for bit (bf16 included: compared as raw bytes, not through a float cast).
+        assert f[k].tobytes() == ref[k].tobytes() == v.tobytes(), k
     np.testing.assert_array_equal(f.read_rows("a", 1, 3), arrs["a"][1:3])
+
+
+def check_tensor_reader(reader, expected=None):
+    """`reader` follows readers.TensorReader: names, and for each a numpy array whose shape and dtype are the ones
+    announced; `expected` (name -> array) pins the values."""
+    assert isinstance(reader, readers.TensorReader)
+    names = list(reader)
+    assert names and len(reader) == len(names) and list(reader.keys()) == names and names[0] in reader
+    for n in names:
+        shape, dtype = reader.shape(n), reader.dtype(n)
+        a = reader[n]
+        assert isinstance(a, np.ndarray) and a.shape == shape and a.dtype == dtype, (n, a.shape, shape, a.dtype, dtype)
+        if expected is not None:
+            assert a.tobytes() == np.asarray(expected[n]).astype(dtype).tobytes(), n
+    with pytest.raises(KeyError):
+        reader["no/such/tensor"]
+
+
+def test_every_reader_is_a_lazy_tensor_reader(tmp_path, tiny_config, params):
+    import ml_dtypes
+
+    from gqa_uptrain import checkpoint
+    arrs = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "c": np.ones((3,), ml_dtypes.bfloat16)}
+    save_file(arrs, str(tmp_path / "one.safetensors"))
+    single = readers.SafetensorsFile(tmp_path / "one.safetensors")
+    check_tensor_reader(single, arrs)
+    (tmp_path / "one.safetensors").unlink()  # names, shapes and dtypes came from the header: no data was kept
+    assert single.shape("c") == (3,) and single.dtype("c") == ml_dtypes.bfloat16
+    flat = traverse_util.flatten_dict(params, sep="/")
+    write_hf_dir(tmp_path / "hf", tiny_config, params, shards=3)
+    hf_tensors = dict(hf.iter_hf_tensors(params, tiny_config))
+    check_tensor_reader(readers.ShardedSafetensors(tmp_path / "hf" / "model.safetensors.index.json"), hf_tensors)
+    check_tensor_reader(readers.open_source(tmp_path / "hf").tensors, flat)  # our names and layout
+    ts_names = ["encoder/layers_0/mlp/wi_0/kernel"]
+    _write_t5x(tmp_path / "t5x" / "checkpoint_3", _t5x_state(params, "new", 3), ts_names)
+    t5x, _, _ = readers.read_t5x_state(tmp_path / "t5x")
+    check_tensor_reader(t5x, flat)  # inline msgpack arrays and a tensorstore one
+    check_tensor_reader(readers.open_source(tmp_path / "t5x").tensors, flat)
+    checkpoint.save_params(tmp_path / "ours", params, tiny_config)
+    check_tensor_reader(checkpoint.open_params(tmp_path / "ours").params, flat)  # orbax, one partial restore each
+    check_tensor_reader(readers.open_source(tmp_path / "ours").tensors, flat)
+
+
+def test_torch_bin_reader(tmp_path, tiny_config, params):
+    torch = pytest.importorskip("torch")  # the optional 'hf' extra
+    import ml_dtypes
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf.iter_hf_tensors(params, tiny_config)}
+    state["extra_bf16"] = torch.arange(4, dtype=torch.float32).to(torch.bfloat16)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    reader = readers.TorchBinTensors(tmp_path / "pytorch_model.bin")
+    want = {k: v.float().numpy() for k, v in state.items()}
+    check_tensor_reader(reader, want)
+    assert reader.dtype("extra_bf16") == ml_dtypes.bfloat16
 
 
 # --------------------------------------------------------------------------------------------- T5X
@@ -178,7 +234,7 @@ def test_convert_cli_hf_to_gqa_then_further(tmp_path, tiny_config, params, capsy
     rc, err = _run(capsys, "convert", "--source", tmp_path / "g2", "--num-kv-heads", 1, "--output", tmp_path / "g1",
                    "--no-progress")
     assert rc == 0, err
-    assert load_params(tmp_path / "g1").config.dec_cross_kv_heads == 1
+    assert load_params(tmp_path / "g1").config.decoder_cross_kv_heads == 1
     rc, err = _run(capsys, "convert", "--source", tmp_path / "g1", "--num-kv-heads", 2, "--output", tmp_path / "x",
                    "--no-progress")
     assert rc == 1 and "current decoder_self key/value head count 1" in err

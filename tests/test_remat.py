@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from gqa_uptrain import train as train_lib
 from gqa_uptrain.cli import main
-from gqa_uptrain.cli.inspect_cmd import activation_bytes_per_device
+from gqa_uptrain.memory import activation_bytes_per_device
 from gqa_uptrain.config import ModelConfig
 from gqa_uptrain.model import REMAT_POLICIES, Transformer, check_remat_policy, init_params
 from gqa_uptrain.seq2seq import EncoderDecoderModel

@@ -324,7 +324,7 @@ def test_inspect_reports_adafactor_state_and_activations(capsys):
     out = capsys.readouterr().out
     assert re.search(r"adafactor state per device [\d.]+ (KiB|MiB)", out), out
     assert "activations per device ~" in out and "training total per device ~" in out
-    from gqa_uptrain.cli.inspect_cmd import activation_bytes_per_device
+    from gqa_uptrain.memory import activation_bytes_per_device
     small = ModelConfig(vocab_size=32128, d_model=512, num_heads=6, head_dim=64, d_ff=1024)
     a1 = activation_bytes_per_device(small, {"data": 2}, 64, 128, 32)
     assert activation_bytes_per_device(small, {"data": 4}, 64, 128, 32) == pytest.approx(a1 / 2)

@@ -6,10 +6,6 @@ from gqa_uptrain import checkpoint, gin_utils
 from gqa_uptrain.cli import train_cmd
 from gqa_uptrain.config import ModelConfig
 
-def _tcfg(**kw):
-    from gqa_uptrain.train import TrainConfig
-    return TrainConfig(model_dir=kw.pop("model_dir", "/nonexistent/run"), train_steps=10, **kw)
-
 @pytest.fixture
 def converted(tmp_path):
     d = tmp_path / "gqa2"
@@ -23,7 +19,7 @@ def test_architecture_comes_from_initial_checkpoint_without_model_file(converted
     d, cfg = converted
     train_cmd.register_gin()
     gin_utils.parse_gin(["runs/finetune.gin"], [f"INITIAL_CHECKPOINT = '{d}'", "MODEL_DIR = '/tmp/x'"])
-    got = train_cmd.resolve_model_config(_tcfg(initial_checkpoint=str(d)))
+    got = gin_utils.resolve_model_config(None, str(d))
     # finetune.gin's DROPOUT_RATE = 0.1 applies; the architecture is the checkpoint's.
     assert got == cfg.replace(dropout_rate=0.1)
 
@@ -32,16 +28,16 @@ def test_model_file_must_match_checkpoint(converted):
     train_cmd.register_gin()
     gin_utils.parse_gin(["models/t5_1_1/tiny.gin", "runs/uptrain.gin"], [f"INITIAL_CHECKPOINT = '{d}'"])
     with pytest.raises(ValueError, match="has decoder_self_kv_heads=2 but the gin model config has 8"):
-        train_cmd.resolve_model_config(_tcfg(initial_checkpoint=str(d)))
+        gin_utils.resolve_model_config(None, str(d))
     gin_utils.parse_gin(["models/t5_1_1/tiny.gin", "runs/uptrain.gin"],
                         [f"INITIAL_CHECKPOINT = '{d}'", "NUM_KV_HEADS = 2"])
-    assert train_cmd.resolve_model_config(_tcfg(initial_checkpoint=str(d))) == cfg
+    assert gin_utils.resolve_model_config(None, str(d)) == cfg
 
 def test_no_model_anywhere_is_a_clear_error():
     train_cmd.register_gin()
     gin_utils.parse_gin(["runs/pretrain.gin"], ["MODEL_DIR = '/tmp/x'"])
     with pytest.raises(ValueError, match="no model config: pass a model gin file"):
-        train_cmd.resolve_model_config(_tcfg())
+        gin_utils.resolve_model_config('/nonexistent/run', None)
 
 
 def test_checkpoint_dataset_macro():

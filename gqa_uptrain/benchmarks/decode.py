@@ -31,7 +31,7 @@ Example (the CPU run committed in docs/bench/):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gqa_uptrain.cli.common import add_gin_arguments
+    from gqa_uptrain.gin_utils import add_gin_arguments
     add_gin_arguments(parser, default_file="models/t5_1_1/small.gin")
     parser.add_argument("--kv-heads", "--kv_heads", dest="kv_heads", default=None, metavar="G1,G2,...",
                         help="decoder KV-head counts to time (default: every divisor of num_heads)")
@@ -147,7 +147,7 @@ def time_ours(cfg, batch: int, input_len: int, output_len: int, repeats: int, ba
     t_step = t_dec / output_len
     # Incremental steps only (what the roofline describes): decoder time minus the prefill, per remaining step.
     t_inc = max(t_dec - t_pre, 1e-9) / max(output_len - 1, 1)
-    return {"kv_heads": cfg.dec_self_kv_heads, "time_per_sample_s": t_total / batch,
+    return {"kv_heads": cfg.decoder_self_kv_heads, "time_per_sample_s": t_total / batch,
             "total_s": t_total, "runs_s": times, "encode_s": t_enc, "decode_s": t_dec, "decode_step_s": t_step,
             "prefill_s": t_pre, "incremental_step_s": t_inc,
             "tokens_per_s": batch * output_len / t_total, "kv_cache_self_bytes": kv["self"],
@@ -278,7 +278,7 @@ def _plot(rows: list[dict], hf_row: dict | None, path: pathlib.Path, title: str)
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from gqa_uptrain.cli.common import model_config
+    from gqa_uptrain.gin_utils import model_config
     from gqa_uptrain.hostmem import retain_freed_memory
     retain_freed_memory()  # as `infer` / `eval` do; the HF worker process applies it too
 

@@ -33,7 +33,7 @@ HELP = "Training throughput (tokens/s): ours vs HF PyTorch T5ForConditionalGener
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gqa_uptrain.cli.common import add_gin_arguments
+    from gqa_uptrain.gin_utils import add_gin_arguments
     add_gin_arguments(parser, default_file="models/t5_1_1/tiny.gin")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per step")
     parser.add_argument("--inputs_length", type=int, default=128, help="encoder tokens per sequence")
@@ -191,7 +191,7 @@ def _median(rounds: list[list[float]]) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gqa_uptrain.cli.common import model_config
+    from gqa_uptrain.gin_utils import model_config
     for name in ("steps", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     batch = _batch(cfg, args.batch_size, args.inputs_length, args.targets_length)
     tokens = args.batch_size * (args.inputs_length + args.targets_length)
     print(f"config: d_model={cfg.d_model} layers={cfg.num_encoder_layers}/{cfg.num_decoder_layers} "
-          f"heads={cfg.num_heads} (kv {cfg.dec_self_kv_heads}) d_ff={cfg.d_ff} vocab={cfg.vocab_size}; batch "
+          f"heads={cfg.num_heads} (kv {cfg.decoder_self_kv_heads}) d_ff={cfg.d_ff} vocab={cfg.vocab_size}; batch "
           f"{args.batch_size} x {args.inputs_length}/{args.targets_length}; float32 CPU "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores); "
           f"{args.rounds} rounds x {args.steps} steps per side")

@@ -89,83 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_gin_arguments(parser)
 
 
-# ---------------------------------------------------------------------------------------------- data helpers
-
-
-def _pad(rows: list, length: int):
-    import numpy as np
-    out = np.zeros((len(rows), length), np.int32)
-    for i, r in enumerate(rows):
-        r = list(r)[:length]
-        out[i, :len(r)] = r
-    return out
-
-
-def _batch_from_pairs(pairs: list[tuple[list[int], list[int]]], in_len: int, tgt_len: int):
-    """[(inputs, targets)] -> encoder tokens [n, in_len], decoder inputs/targets [n, tgt_len]."""
-    import numpy as np
-    enc = _pad([p[0] for p in pairs], in_len)
-    tgt = _pad([p[1] for p in pairs], tgt_len)
-    dec_in = np.concatenate([np.zeros((len(pairs), 1), np.int32), tgt[:, :-1]], axis=1)
-    return enc, dec_in, tgt
-
-
-def _bundled_fits(vocab_size: int) -> bool:
-    return vocab_size >= 4100  # 4000 pieces + 100 sentinels (gqa_uptrain.data)
-
-
-def _file_pairs(path: str, vocab: str | None, n: int, vocab_size: int) -> list[tuple[list[int], list[int]]]:
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"data file {p} not found")
-    sp = None
-
-    def ids(x: Any, what: str, lineno: int) -> list[int]:
-        nonlocal sp
-        if isinstance(x, list):
-            toks = [int(t) for t in x]
-        elif isinstance(x, str):
-            if sp is None:
-                import sentencepiece
-                model = vocab or str(pathlib.Path(__file__).resolve().parents[1] / "assets" / "vocab" / "spm.model")
-                sp = sentencepiece.SentencePieceProcessor(model_file=model)
-            toks = sp.encode(x) + [1]  # EOS
-        else:
-            raise ValueError(f"{p}:{lineno}: {what} must be a string or a list of token ids")
-        bad = [t for t in toks if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"{p}:{lineno}: token id {bad[0]} outside the model vocabulary [0, {vocab_size})")
-        return toks
-
-    pairs = []
-    with open(p) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if p.suffix == ".jsonl":
-                try:
-                    d = json.loads(line)
-                    pairs.append((ids(d["inputs"], "inputs", lineno), ids(d["targets"], "targets", lineno)))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{p}:{lineno}: expected a JSON object with 'inputs' and 'targets' ({e})") \
-                        from None
-            else:
-                t = ids(line.rstrip("\n"), "line", lineno)
-                pairs.append((t, t))
-            if len(pairs) >= n:
-                break
-    if not pairs:
-        raise ValueError(f"{p} holds no examples")
-    return pairs
-
-
-def _span_corruption_pairs(split: str, n: int, length: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    from gqa_uptrain import data
-    examples = data.fixed_validation_examples(data.SPAN_CORRUPTION_TASK, {"inputs": length, "targets": length // 4},
-                                              n, seed=seed, split=split)
-    return [(list(e["inputs"]), list(e["targets"])) for e in examples]
-
-
 def _check_counts(args: argparse.Namespace) -> None:
     """Sizes that must be positive, checked before any file is read (0 examples fails deep in numpy otherwise)."""
     for flag in ("calibration_examples", "calibration_length", "compare_examples"):
@@ -175,22 +98,8 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _token_batch(spec: str, config, args, split: str, n: int):
-    import numpy as np
-    length = args.calibration_length
-    if spec == "auto":
-        spec = "bundled" if _bundled_fits(config.vocab_size) else "random"
-    if spec == "bundled":
-        if not _bundled_fits(config.vocab_size):
-            raise ValueError(f"the bundled data needs vocab_size >= 4100, the source has {config.vocab_size}; "
-                             "pass a data file or 'random'")
-        return _batch_from_pairs(_span_corruption_pairs(split, n, length, args.seed), length, length // 4), spec
-    if spec == "random":
-        r = np.random.RandomState(args.seed)
-        enc = r.randint(2, config.vocab_size, size=(n, length)).astype(np.int32)
-        tgt = r.randint(2, config.vocab_size, size=(n, length // 4)).astype(np.int32)
-        return _batch_from_pairs(list(zip(enc.tolist(), tgt.tolist())), length, length // 4), spec
-    pairs = _file_pairs(spec, args.vocab, n, config.vocab_size)
-    return _batch_from_pairs(pairs, max(len(p[0]) for p in pairs), max(len(p[1]) for p in pairs) + 1), spec
+    from gqa_uptrain.token_batches import token_batch
+    return token_batch(spec, config.vocab_size, n, args.calibration_length, args.seed, split, args.vocab)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -200,10 +109,9 @@ def evaluate_loss(params, config, batch, batch_size: int = 16) -> float:
     """Mean token cross-entropy of teacher-forced targets (padding excluded), from the model's loss
     (`seq2seq.EncoderDecoderModel.evaluate`, as the trainer's eval and `gqa-uptrain eval` report it).
     batch: (encoder tokens, decoder inputs, targets), each [n, length], scored batch_size rows at a time."""
-    from flax import traverse_util
-
     from gqa_uptrain.seq2seq import EncoderDecoderModel
-    nested = traverse_util.unflatten_dict(params, sep="/") if any("/" in k for k in params) else params
+    from gqa_uptrain.trees import nested_params
+    nested = nested_params(params)
     names = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
     batches = [{k: v[i:i + batch_size] for k, v in zip(names, batch)} for i in range(0, len(batch[0]), batch_size)]
     return EncoderDecoderModel(config).evaluate(nested, batches)["loss"]
@@ -320,8 +228,8 @@ def run(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite, extra_files={"conversion.json": record}, source=str(src.path),
                      optimizer_state=optimizer_items if carried else None)
     carried_note = f", Adafactor state carried (step {carried.step}, rule {moment_rule})" if carried else ""
-    print(f"wrote {out}: {new_config.num_heads} query heads, kv heads encoder={new_config.enc_kv_heads} "
-          f"decoder_self={new_config.dec_self_kv_heads} decoder_cross={new_config.dec_cross_kv_heads}, "
+    print(f"wrote {out}: {new_config.num_heads} query heads, kv heads encoder={new_config.encoder_kv_heads} "
+          f"decoder_self={new_config.decoder_self_kv_heads} decoder_cross={new_config.decoder_cross_kv_heads}, "
           f"method={args.method}, source step={src.step}{carried_note} ({time.time() - t0:.1f}s)", file=sys.stderr)
     return 0
 
@@ -350,9 +258,10 @@ def _tqdm(desc: str, unit: str):
 
 def _compare(flat, cfg, args, methods, calibration) -> None:
     from gqa_uptrain import convert
+    from gqa_uptrain.token_batches import bundled_fits
     if args.compare_data:
         batch, _ = _token_batch(args.compare_data, cfg, args, "validation", args.compare_examples)
-    elif _bundled_fits(cfg.vocab_size):
+    elif bundled_fits(cfg.vocab_size):
         batch, _ = _token_batch("bundled", cfg, args, "validation", args.compare_examples)
     else:
         raise ValueError(f"--compare needs --compare-data: the source vocabulary ({cfg.vocab_size}) is not the "

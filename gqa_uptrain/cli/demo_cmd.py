@@ -38,7 +38,6 @@ def _step(title: str, argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import pathlib
     import shutil
     import time
@@ -87,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(out, models, args, time.time() - t_start)
     print("\n" + report)
     print(f"demo finished in {time.time() - t_start:.0f}s; report: {out}/report.md")
-    del json
     return 0
 
 
@@ -113,8 +111,10 @@ def write_report(out, models: dict[str, int], args, seconds: float) -> str:
                      "uptrained": loss(out / name / "eval_uptrained.json")})
     control = next(r["uptrained"] for r in rows if r["name"] == "MHA")
     _plot(out / "report.png", rows, args.alpha)
+    c = read_config(out / "MHA" / "converted")  # the model the demo trained, as written beside its checkpoint
     lines = ["# gqa_uptrain demo report", "",
-             f"Tiny T5.1.1 (d_model 128, 8 heads, 2+2 layers, bundled 4k SentencePiece vocab) pre-trained "
+             f"Tiny T5.1.1 (d_model {c.d_model}, {c.num_heads} heads, {c.num_encoder_layers}+{c.num_decoder_layers} "
+             f"layers, vocab {c.vocab_size}: the bundled SentencePiece pieces and sentinels) pre-trained "
              f"{args.pretrain_steps} steps on the bundled corpus, converted with mean pooling, uptrained "
              f"α={args.alpha:g} x {args.pretrain_steps} = {round(args.alpha * args.pretrain_steps)} steps. "
              f"Loss: held-out span corruption, {args.eval_examples} fixed-noise validation examples "

@@ -1,15 +1,19 @@
 """The one place that turns an exception into the one line a user reads (and the exit code).
 
-Commands raise plain exceptions with the file, key or value in the message; this module only shortens them to one
-line and translates the operating system's errors, which carry the file name but not a readable sentence. Anything
-not recognised here is a bug and keeps its traceback.
+Validation points raise `gqa_uptrain.errors.UserError` (or another ValueError of our own) with the file, key or
+value in the message; this module only shortens them to one line and translates the operating system's errors, which
+carry the file name but not a readable sentence. Anything else (TypeError, KeyError, a ValueError from inside a
+dependency) is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import errno
 import logging
+import pathlib
 import re
 import traceback
+
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]
 
 # OS errors a user fixes (permissions, space, a wrong path), as opposed to bugs.
 _OS_HINTS = {
@@ -109,10 +113,22 @@ def one_line(e: BaseException) -> tuple[str, int] | None:
     full = _disk_full(str(e))
     if full:
         return full, 1
-    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError)):
-        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-        return _first_line(msg) or type(e).__name__, 1
+    if isinstance(e, (FileNotFoundError, FileExistsError)) or _is_validation_error(e):
+        return _first_line(str(e)) or type(e).__name__, 1
     return None
+
+
+def _is_validation_error(e: BaseException) -> bool:
+    """A UserError, or a ValueError raised by a validation point in gqa_uptrain's own code. A ValueError raised
+    inside a dependency (numpy's broadcasting, a jax shape check) is a bug unless our code translated it, and
+    TypeError, KeyError, AttributeError, ... always are: those keep their traceback."""
+    from gqa_uptrain.errors import UserError
+    if isinstance(e, UserError):
+        return True
+    if not isinstance(e, ValueError) or e.__traceback__ is None:
+        return False
+    innermost = traceback.extract_tb(e.__traceback__)[-1].filename
+    return pathlib.Path(innermost).resolve().is_relative_to(_PACKAGE_DIR)
 
 
 def drop_closed_loop_thread_errors() -> None:

@@ -96,36 +96,15 @@ def generate_all(gen, texts: list[str], batch_size: int, quiet: bool, desc: str 
 
 
 def _read_inputs(path: str) -> list[str]:
-    import pathlib
-    if path == "-":
-        lines = sys.stdin.read().splitlines()
-        name = "stdin"
+    """One input per line of a text file (or stdin), or the 'inputs' field of each JSONL record."""
+    from gqa_uptrain import jsonl
+    from gqa_uptrain.errors import UserError
+    if path != "-" and jsonl.is_jsonl(path):
+        texts = [str(obj["inputs"]) for _, obj in jsonl.read_jsonl(path, ("inputs",))]
     else:
-        p = pathlib.Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"input file {path} does not exist")
-        try:
-            lines = p.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        name = path
-    texts = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if name.endswith((".jsonl", ".json")):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{name}:{lineno}: invalid JSON ({e})") from None
-            if not isinstance(obj, dict) or "inputs" not in obj:
-                raise ValueError(f"{name}:{lineno}: expected a JSON object with an 'inputs' field, got "
-                                 f"{line.strip()[:60]}")
-            texts.append(str(obj["inputs"]))
-        else:
-            texts.append(line)
+        texts = [line for _, line in jsonl.read_lines(path)]
     if not texts:
-        raise ValueError(f"{name} holds no inputs")
+        raise UserError(f"{'stdin' if path == '-' else path} holds no inputs")
     return texts
 
 

@@ -52,47 +52,6 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def activation_bytes_per_device(cfg, mesh_shape, batch_size: int, inputs_length: int, targets_length: int,
-                                num_microbatches: int = 1, remat_policy: str = "none") -> float:
-    """Rough bytes of activations kept for the backward pass on one device: the fast fallback of `inspect --mesh`
-    without --compile. XLA's memory analysis of the compiled step (--topology --compile) is the number to plan
-    with; tests/test_aot.py compares the two.
-
-    Assumes: per-device microbatch b = batch_size / (data*fsdp) / num_microbatches; activations in cfg.dtype,
-    logits/softmax in float32; tensors with a heads / d_ff / vocab axis split over `model`. Logits count twice
-    (logits and their gradient). Ignores XLA temporaries.
-
-    remat_policy "none": per token and layer ~8 d_model-wide tensors (residual, norms, attention in/out, MLP
-    in/out), q/k/v/attention-output (heads*head_dim each), 3 d_ff-wide MLP tensors, and attention scores +
-    probabilities (heads * key length); decoder layers add cross-attention.
-    Otherwise each layer keeps what the policy saves (model.REMAT_POLICIES), and the layer being recomputed in the
-    backward adds one layer's "none" activations: "full" keeps the layer input (d_model); "minimal" also the
-    outputs of the un-batched GEMMs (q/k/v and out projections, wi_0/wi_1/wo; cross-attention k/v at the source
-    length); "dots" also the batched attention GEMMs (scores, heads * key length, and attention outputs).
-    """
-    from gqa_uptrain.model import check_remat_policy
-    check_remat_policy(remat_policy)
-    dt = 4 if cfg.dtype == "float32" else 2
-    m = mesh_shape.get("model", 1)
-    b = batch_size / (mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)) / num_microbatches
-    d, hd, ff, h = cfg.d_model, cfg.num_heads * cfg.head_dim / m, cfg.d_ff / m, cfg.num_heads / m
-    li, lt = inputs_length, targets_length
-    enc = li * (8 * d + 4 * hd + 3 * ff + 2 * h * li) * dt
-    dec = lt * (12 * d + 8 * hd + 3 * ff + 2 * h * (lt + li)) * dt
-    logits = lt * cfg.vocab_size / m * 4 * 2
-    if remat_policy == "none":
-        return b * (cfg.num_encoder_layers * enc + cfg.num_decoder_layers * dec + logits)
-    kept_enc, kept_dec = li * d * dt, lt * d * dt  # "full": the layer inputs
-    if remat_policy in ("minimal", "dots"):
-        # + out and wo outputs (d_model), q/k/v, wi_0/wi_1; the decoder has two attentions, cross k/v at li.
-        kept_enc += li * (2 * d + 3 * hd + 2 * ff) * dt
-        kept_dec += (lt * (3 * d + 4 * hd + 2 * ff) + li * 2 * hd) * dt
-    if remat_policy == "dots":
-        kept_enc += li * (hd + h * li) * dt
-        kept_dec += lt * (2 * hd + h * (lt + li)) * dt
-    return b * (cfg.num_encoder_layers * kept_enc + cfg.num_decoder_layers * kept_dec + max(enc, dec) + logits)
-
-
 def _remat_policy(args) -> str:
     """--remat_policy, else a bound REMAT_POLICY gin macro (as in the run files), else "none"."""
     if args.remat_policy is not None:
@@ -104,16 +63,12 @@ def _remat_policy(args) -> str:
         return "none"
 
 
-def _training_memory(args, cfg, boxed, mesh_shape, param_bytes: int, remat: str) -> None:
-    import flax.linen as nn
-
-    from gqa_uptrain import sharding
-    from gqa_uptrain.optim import OptimizerConfig, make_optimizer, opt_state_bytes_per_device
-    shapes = nn.meta.unbox(boxed)
-    specs = sharding.param_partition_specs(boxed, mesh_shape, head_dim=cfg.head_dim)
-    opt_dev, opt_total = opt_state_bytes_per_device(make_optimizer(OptimizerConfig()), specs, shapes, mesh_shape)
-    act = activation_bytes_per_device(cfg, mesh_shape, args.batch_size, args.inputs_length, args.targets_length,
-                                      args.num_microbatches, remat)
+def _print_training_memory(args, cfg, table, mesh_shape, remat: str) -> None:
+    from gqa_uptrain import memory
+    opt_dev, opt_total = memory.optimizer_state_bytes(cfg, table.boxed, mesh_shape)
+    act = memory.activation_bytes_per_device(cfg, mesh_shape, args.batch_size, args.inputs_length,
+                                             args.targets_length, args.num_microbatches, remat)
+    param_bytes = table.per_device_bytes
     grads = param_bytes  # gradients (accumulator) have the parameters' shardings
     print(f"adafactor state per device {_fmt_bytes(opt_dev)} (of {_fmt_bytes(opt_total)} total; factored second "
           f"moments, jax.eval_shape of optimizer.init with shardings derived from the parameters')")
@@ -128,45 +83,20 @@ def _compiled_report(args, cfg, remat: str) -> dict:
     """Compile the requested programs for --topology / --mesh; print one block per program; return the JSON."""
     import sys
 
-    from gqa_uptrain import aot
-    from gqa_uptrain.optim import OptimizerConfig
-    from gqa_uptrain.train import TrainConfig
+    from gqa_uptrain import memory
+    from gqa_uptrain.errors import UserError
     if not args.topology or not args.mesh or not args.compile:
-        raise ValueError("--topology, --mesh and --compile go together (e.g. --topology v5e:2x2 "
-                         "--mesh data=1,fsdp=2,model=2 --compile both)")
-    chip = aot.chip_for(args.topology)
-    mesh = aot.topology_mesh(args.topology, args.mesh)
-    out = {"topology": args.topology, "mesh": dict(mesh.shape), "devices": int(mesh.devices.size),
-           "chip": {"name": chip.name, "hbm_bytes": chip.hbm_bytes, "peak_flops": chip.peak_flops,
-                    "hbm_bytes_per_second": chip.hbm_bytes_per_second},
-           "model": {"d_model": cfg.d_model, "layers": [cfg.num_encoder_layers, cfg.num_decoder_layers],
-                     "num_heads": cfg.num_heads, "kv_heads": [cfg.enc_kv_heads, cfg.dec_self_kv_heads,
-                                                             cfg.dec_cross_kv_heads],
-                     "dtype": cfg.dtype, "param_dtype": cfg.param_dtype},
-           "programs": {}}
-    m = out["mesh"]["model"]
-    for kind, g in (("decoder self-attention", cfg.dec_self_kv_heads), ("decoder cross-attention",
-                                                                         cfg.dec_cross_kv_heads)):
-        if m > 1 and g % m:
-            print(f"note: {kind} has {g} key/value heads, not divisible by model={m}: its K/V kernels and cache "
-                  "are replicated over `model` (a head is never split inside head_dim)", file=sys.stderr)
+        raise UserError("--topology, --mesh and --compile go together (e.g. --topology v5e:2x2 "
+                        "--mesh data=1,fsdp=2,model=2 --compile both)")
+    out, chip, mesh = memory.topology_plan(cfg, args.topology, args.mesh)
+    for note in memory.kv_replication_notes(cfg, out["mesh"]["model"]):
+        print(f"note: {note}", file=sys.stderr)
     print(f"compiling for {args.topology} ({chip.name}, {out['devices']} devices, {_fmt_bytes(chip.hbm_bytes)} HBM "
           f"each), mesh {out['mesh']} ...", file=sys.stderr, flush=True)
-    if args.compile in ("train", "both"):
-        tc = TrainConfig(model_dir="<inspect>", train_steps=1, batch_size=args.batch_size,
-                         inputs_length=args.inputs_length, targets_length=args.targets_length,
-                         num_microbatches=args.num_microbatches, remat_policy=remat, optimizer=OptimizerConfig())
-        out["programs"]["train"] = aot.compile_train(cfg, tc, mesh, chip)
-        out["programs"]["train"]["run"] = {"batch_size": args.batch_size, "inputs_length": args.inputs_length,
-                                           "targets_length": args.targets_length,
-                                           "num_microbatches": args.num_microbatches, "remat_policy": remat}
-    if args.compile in ("decode", "both"):
-        batch = args.decode_batch_size or args.batch_size
-        length = args.max_decode_length or args.targets_length
-        dec = aot.compile_decode(cfg, mesh, chip, batch, args.inputs_length, length)
-        for name, rep in dec.items():
-            rep["run"] = {"batch_size": batch, "inputs_length": args.inputs_length, "max_decode_length": length}
-            out["programs"][f"decode_{name}"] = rep
+    memory.compile_programs(out, cfg, mesh, chip, args.compile, batch_size=args.batch_size,
+                            inputs_length=args.inputs_length, targets_length=args.targets_length,
+                            num_microbatches=args.num_microbatches, remat_policy=remat,
+                            decode_batch_size=args.decode_batch_size, max_decode_length=args.max_decode_length)
     for name, r in out["programs"].items():
         b = r["per_device_bytes"]
         if r.get("compile_error"):
@@ -189,55 +119,31 @@ def _compiled_report(args, cfg, remat: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.topology or args.compile:
-        from gqa_uptrain.cli.common import model_config
-        from gqa_uptrain.model import check_remat_policy
-        cfg = model_config(args)
-        _compiled_report(args, cfg, check_remat_policy(_remat_policy(args)))
-        return 0
-    import flax.linen as nn
-    import jax
-    import numpy as np
-    from flax import traverse_util
-
-    from gqa_uptrain import sharding
     from gqa_uptrain.cli.common import model_config
-    from gqa_uptrain.model import abstract_params, check_remat_policy
-
+    from gqa_uptrain.model import check_remat_policy
     cfg = model_config(args)
     remat = check_remat_policy(_remat_policy(args))  # a bad name is an error even when no estimate is printed
-    boxed = abstract_params(cfg)
-    flat = traverse_util.flatten_dict(boxed, sep="/", is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
+    if args.topology or args.compile:
+        _compiled_report(args, cfg, remat)
+        return 0
+    from gqa_uptrain import memory, sharding
     mesh_shape = sharding.parse_mesh(args.mesh, flag="--mesh") if args.mesh else None
-    total = 0
-    groups: dict[str, int] = {}
-    per_device = 0
-    rows = []
-    for name, leaf in sorted(flat.items()):
-        shape, axes = leaf.value.shape, leaf.names
-        n = int(np.prod(shape))
-        total += n
-        top = name.split("/")[0]
-        groups[top] = groups.get(top, 0) + n
-        row = [name, "x".join(map(str, shape)), ",".join(str(a) for a in axes), f"{n:,}"]
-        if mesh_shape:
-            spec = sharding.logical_to_mesh_spec(axes, shape, mesh_shape, head_dim=cfg.head_dim)
-            b = sharding.bytes_per_device(shape, leaf.value.dtype.itemsize, spec, mesh_shape)
-            per_device += b
-            row.append(str(tuple(spec)))
-        rows.append(row)
+    table = memory.parameter_table(cfg, mesh_shape)
     if not args.summary:
+        rows = [[r.name, "x".join(map(str, r.shape)), ",".join(str(a) for a in r.axes), f"{r.count:,}"]
+                + ([str(tuple(r.spec))] if mesh_shape else []) for r in table.rows]
         headers = ["parameter", "shape", "logical axes", "count"] + (["mesh spec"] if mesh_shape else [])
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
         print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
         for r in rows:
             print("  ".join(c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
         print()
+    total = table.total
     print(f"model: d_model={cfg.d_model} layers={cfg.num_encoder_layers}/{cfg.num_decoder_layers} "
           f"heads={cfg.num_heads} head_dim={cfg.head_dim} d_ff={cfg.d_ff} vocab={cfg.vocab_size}")
-    print(f"kv heads: encoder={cfg.enc_kv_heads} decoder_self={cfg.dec_self_kv_heads} "
-          f"decoder_cross={cfg.dec_cross_kv_heads}  (activations {cfg.dtype}, params {cfg.param_dtype})")
-    for top, n in sorted(groups.items()):
+    print(f"kv heads: encoder={cfg.encoder_kv_heads} decoder_self={cfg.decoder_self_kv_heads} "
+          f"decoder_cross={cfg.decoder_cross_kv_heads}  (activations {cfg.dtype}, params {cfg.param_dtype})")
+    for top, n in sorted(table.groups.items()):
         print(f"  {top:<16} {n:>16,}")
     print(f"  {'total':<16} {total:>16,}  ({total / 1e6:,.1f}M, {_fmt_bytes(total * 4)} in float32)")
     act_bytes = 4 if cfg.dtype == "float32" else 2
@@ -248,8 +154,7 @@ def run(args: argparse.Namespace) -> int:
           f"({cfg.dtype}; MHA would need {mha_b:,}, ratio {mha_b / self_b:g}x)")
     print(f"decoder cross-attention K/V:     {cross_b:,} bytes per source token")
     if mesh_shape:
-        print(f"mesh {mesh_shape}: parameters per device {_fmt_bytes(per_device)} "
+        print(f"mesh {mesh_shape}: parameters per device {_fmt_bytes(table.per_device_bytes)} "
               f"(of {_fmt_bytes(total * 4)} total)")
-        _training_memory(args, cfg, boxed, mesh_shape, per_device, remat)
-    del jax
+        _print_training_memory(args, cfg, table, mesh_shape, remat)
     return 0

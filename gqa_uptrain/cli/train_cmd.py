@@ -75,68 +75,19 @@ def train_config_from_gin(progress: bool = True):
     """The bound TrainConfig (after parse_gin), as the plain dataclass."""
     import dataclasses
 
-    from gqa_uptrain.train import TrainConfig
     import gin
+
+    from gqa_uptrain.errors import UserError
+    from gqa_uptrain.train import TrainConfig
     bound = register_gin()["TrainConfig"]()
     values = {f.name: getattr(bound, f.name) for f in dataclasses.fields(TrainConfig)}
     # A macro bound to %gin.REQUIRED arrives as the sentinel itself; name the macro the run files use.
     missing = [k for k, v in values.items() if v is gin.REQUIRED]
     if missing:
         names = ", ".join(_MACRO_FOR.get(k, f"TrainConfig.{k}") for k in missing)
-        raise ValueError(f"required gin setting(s) not given: {names} (pass --gin.NAME=VALUE)")
+        raise UserError(f"required gin setting(s) not given: {names} (pass --gin.NAME=VALUE)")
     cfg = TrainConfig(**values)
     return cfg if progress else dataclasses.replace(cfg, progress=False)
-
-
-# Fields that may legitimately differ between a checkpoint and the run that continues it.
-_RUNTIME_FIELDS = ("dropout_rate", "dtype", "param_dtype")
-
-
-def resolve_model_config(tcfg):
-    """The model config for this run.
-
-    Without a model gin file, the architecture comes from MODEL_DIR (when resuming) or INITIAL_CHECKPOINT, with
-    DROPOUT_RATE / ACTIVATION_DTYPE macros applied when the run file sets them (finetune.gin does). With a model
-    gin file, it must describe the same architecture as that checkpoint.
-    """
-    import dataclasses
-    import pathlib
-
-    import gin
-
-    from gqa_uptrain import checkpoint, gin_utils
-    source = None
-    for d in (tcfg.model_dir, tcfg.initial_checkpoint):
-        if d and (pathlib.Path(d) / checkpoint.CONFIG_FILE).exists():
-            source = (d, checkpoint.read_config(d))
-            break
-    try:
-        gin.query_parameter("ModelConfig.d_model")
-        bound = True
-    except ValueError:
-        bound = False
-    if bound:
-        mcfg = gin_utils.model_config_from_gin()
-        if source:
-            d, scfg = source
-            diff = [f.name for f in dataclasses.fields(scfg) if f.name not in _RUNTIME_FIELDS
-                    and getattr(scfg, f.name) != getattr(mcfg, f.name)]
-            if diff:
-                k = diff[0]
-                raise ValueError(f"{d}/config.json has {k}={getattr(scfg, k)!r} but the gin model config has "
-                                 f"{getattr(mcfg, k)!r} (differing: {', '.join(diff)}); drop the model gin file "
-                                 "to take the architecture from the checkpoint, or fix the override")
-        return mcfg
-    if source is None:
-        raise ValueError("no model config: pass a model gin file (e.g. --gin_file=models/t5_1_1/tiny.gin) or an "
-                         "INITIAL_CHECKPOINT / MODEL_DIR that has a config.json")
-    mcfg = source[1]
-    for macro, field in (("DROPOUT_RATE", "dropout_rate"), ("ACTIVATION_DTYPE", "dtype")):
-        try:
-            mcfg = mcfg.replace(**{field: gin.query_parameter(f"%{macro}")})
-        except ValueError:
-            pass
-    return mcfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,16 +101,16 @@ def run(args: argparse.Namespace) -> int:
                                auto=auto)
     register_gin()
     launch.register_gin()  # a run may share gin files with its SLURM resources (train/SlurmResources.*)
-    from gqa_uptrain.cli.common import load_gin
+    from gqa_uptrain.errors import UserError
+    from gqa_uptrain.gin_utils import load_gin, resolve_model_config
     if not args.gin_file:
-        raise ValueError("train needs a run file (and a model file when starting from scratch), e.g. "
+        raise UserError("train needs a run file (and a model file when starting from scratch), e.g. "
                          "--gin_file=models/t5_1_1/tiny.gin --gin_file=runs/pretrain.gin")
     load_gin(args)
-    try:
-        tcfg = train_config_from_gin(progress=not args.no_progress)
-    except (ValueError, TypeError) as e:
-        raise ValueError(str(e).splitlines()[0]) from None
-    mcfg = resolve_model_config(tcfg)
+    # TrainConfig's own checks raise ValueError through gin (which appends context lines); the CLI prints their
+    # first line, and any other error keeps its traceback.
+    tcfg = train_config_from_gin(progress=not args.no_progress)
+    mcfg = resolve_model_config(tcfg.model_dir, tcfg.initial_checkpoint)
 
     if args.launcher == "slurm":
         launch.submit_train(args, tcfg.model_dir)
