@@ -49,7 +49,7 @@ class RunCheckpoints:
     def __init__(self, model_dir: pathlib.Path, keep: int | None, keep_best: bool = False,
                  async_checkpointing: bool = True):
         self.model_dir = pathlib.Path(model_dir).absolute()
-        self._async = async_checkpointing
+        self._closed = False
         self.manager = checkpoint_manager(self.model_dir, keep, async_checkpointing)
         self.best = None
         if keep_best:
@@ -111,6 +111,10 @@ class RunCheckpoints:
             self.best.wait_until_finished()
 
     def close(self) -> None:
+        """Close both managers (waits for pending saves); closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self.manager.close()
         if self.best is not None:
             self.best.close()

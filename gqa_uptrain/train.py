@@ -446,33 +446,34 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
         open=lambda start: train_batches(cfg, start_batch=start),
         skip_reason=lambda item: skip_reason(cfg, item, pc),
         state_key=_iterator_state_key(cfg, pc) if cfg.checkpoint_dataset else None)
-    ckpts = RunCheckpoints(model_dir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing)
-    try:
-        state = train_state.initialise(model_config, cfg, mesh, rules, nn.meta.unbox(boxed), param_sh, ckpts,
-                                       data, primary)
-    except BaseException:
-        ckpts.close()
-        raise
-    if primary:
-        print(train_state.describe_run(cfg, state.train_steps, state.original_steps, dict(mesh.shape), state.resumed_from,
-                           model_dir), file=sys.stderr, flush=True)
-        if cfg.keep_best:
-            ckpt_lib.write_config_files(model_dir / BEST_DIR, model_config)
 
     def to_global(local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         assert next(iter(local.values())).shape[0] == cfg.batch_size // pc
         return {k: jax.make_array_from_process_local_data(batch_sharding, v, (cfg.batch_size, v.shape[1]))
                 for k, v in local.items()}
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        trainer = trainer_lib.Trainer(
-            cfg, state, ckpts, train_step=jit_train_step(model_config, cfg, state.optimizer, state.schedule, mesh,
-                                                         param_sh, state.opt_shardings),
-            eval_step=jax.jit(make_eval_step(model_config, cfg), in_shardings=(param_sh, batch_sharding),
-                              out_shardings=replicated),
-            eval_arrays=[{k: train_state.global_from_host(v, batch_sharding) for k, v in b.items()} for b in evals],
-            to_global=to_global, replicated=replicated, data_state_key=data.state_key, primary=primary,
-            callback=callback)
-        trainer.run()
+    ckpts = RunCheckpoints(model_dir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing)
+    try:
+        state = train_state.initialise(model_config, cfg, mesh, rules, nn.meta.unbox(boxed), param_sh, ckpts,
+                                       data, primary)
+        if primary:
+            print(train_state.describe_run(cfg, state.train_steps, state.original_steps, dict(mesh.shape),
+                                           state.resumed_from, model_dir), file=sys.stderr, flush=True)
+            if cfg.keep_best:
+                ckpt_lib.write_config_files(model_dir / BEST_DIR, model_config)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            trainer = trainer_lib.Trainer(
+                cfg, state, ckpts,
+                train_step=jit_train_step(model_config, cfg, state.optimizer, state.schedule, mesh, param_sh,
+                                          state.opt_shardings),
+                eval_step=jax.jit(make_eval_step(model_config, cfg), in_shardings=(param_sh, batch_sharding),
+                                  out_shardings=replicated),
+                eval_arrays=[{k: train_state.global_from_host(v, batch_sharding) for k, v in b.items()}
+                             for b in evals],
+                to_global=to_global, replicated=replicated, data_state_key=data.state_key, primary=primary,
+                callback=callback)
+            trainer.run()
+    finally:
+        ckpts.close()
     return TrainResult(state.params, state.opt_state, trainer.step, trainer.history, trainer.eval_history,
                        state.resumed_from, state.data_resume)

@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gqa_uptrain import preemption
 from gqa_uptrain import recovery
 from gqa_uptrain.metrics import MetricWriter, has_record
 from gqa_uptrain.run_checkpoints import RunCheckpoints
-from gqa_uptrain.train_state import RunState
+from gqa_uptrain.train_state import RunState, global_from_host
 
 if TYPE_CHECKING:
     from gqa_uptrain.train import TrainConfig
@@ -55,6 +56,8 @@ class NonFiniteLossError(ValueError):
 
 def _empty_accumulator() -> dict[str, jax.Array]:
     acc = {k: jnp.zeros((), jnp.float32) for k in (*TOKEN_MEAN_KEYS, *STEP_MEAN_KEYS)}
+    # The newest step's own values: a one-step period logs exactly them (sums of loss x tokens / tokens round).
+    acc.update({f"last_{k}": jnp.zeros((), jnp.float32) for k in (*TOKEN_MEAN_KEYS, *STEP_MEAN_KEYS)})
     acc.update(steps=jnp.zeros((), jnp.int32), first_nonfinite_step=jnp.full((), _NO_STEP, jnp.int32),
                nonfinite_loss=jnp.zeros((), jnp.float32), nonfinite_grad_norm=jnp.zeros((), jnp.float32))
     return acc
@@ -65,6 +68,7 @@ def _accumulate(acc: dict[str, jax.Array], metrics: dict[str, jax.Array], step: 
     w = metrics["target_tokens"]
     out = {k: acc[k] + metrics[k] * w for k in TOKEN_MEAN_KEYS}
     out.update({k: acc[k] + metrics[k] for k in STEP_MEAN_KEYS})
+    out.update({f"last_{k}": metrics[k].astype(jnp.float32) for k in (*TOKEN_MEAN_KEYS, *STEP_MEAN_KEYS)})
     out["steps"] = acc["steps"] + 1
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(metrics["objective"])
     first = (acc["first_nonfinite_step"] == _NO_STEP) & ~finite
@@ -78,6 +82,8 @@ def summarize(acc: dict[str, Any]) -> dict[str, float]:
     """The logged record of a period from its fetched sums: token-weighted means of TOKEN_MEAN_KEYS, per-step
     means of STEP_MEAN_KEYS (with one step per period, exactly that step's metrics)."""
     n = max(int(acc["steps"]), 1)
+    if n == 1:
+        return {k: float(acc[f"last_{k}"]) for k in (*TOKEN_MEAN_KEYS, *STEP_MEAN_KEYS)}
     tokens = float(acc["target_tokens"])
     rec = {k: float(acc[k]) / max(tokens, 1.0) for k in TOKEN_MEAN_KEYS}
     rec.update({k: float(acc[k]) / n for k in STEP_MEAN_KEYS})
@@ -119,7 +125,7 @@ class Trainer:
         self._accumulate = jax.jit(_accumulate, out_shardings=replicated, donate_argnums=(0,))
         self._new_accumulator = jax.jit(_empty_accumulator, out_shardings=replicated)
         self._acc = self._new_accumulator()
-        self._step_arr = jax.device_put(jnp.asarray(self.step, jnp.int32), replicated)
+        self._step_arr = global_from_host(np.asarray(self.step, np.int32), replicated)
         self.writer = MetricWriter(ckpts.model_dir, enabled=primary, tensorboard=cfg.tensorboard)
         self._check_stop_every_step = stop_check_every_step()
 

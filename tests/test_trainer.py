@@ -69,21 +69,12 @@ def test_metrics_fetched_only_at_log_saves_and_evals_and_averaged_over_the_perio
 
 
 @pytest.fixture
-def nan_loss_at(monkeypatch):
+def nan_loss_at(after_train_step):
     """The training step reports a NaN loss at step `n` (1-based) and leaves the parameters finite, so only the
     on-device divergence record can tell."""
-    real = train_lib.make_train_step
     state = {"n": 10 ** 9}
-
-    def make(*a, **kw):
-        step_fn = real(*a, **kw)
-
-        def wrapped(params, opt_state, step, batch):
-            params, opt_state, new_step, metrics = step_fn(params, opt_state, step, batch)
-            return params, opt_state, new_step, {**metrics, "loss": jnp.where(new_step == state["n"], jnp.nan,
-                                                                                metrics["loss"])}
-        return wrapped
-    monkeypatch.setattr(train_lib, "make_train_step", make)
+    after_train_step(lambda new_step, params, opt_state, metrics: (params, opt_state, {
+        **metrics, "loss": jnp.where(new_step == state["n"], jnp.nan, metrics["loss"])}))
     return state
 
 
