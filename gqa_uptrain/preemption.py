@@ -2,11 +2,14 @@
 
 Schedulers warn before they kill: SLURM sends SIGTERM on preemption/`scancel` (then SIGKILL after KillWait) and,
 with `--signal=USR1@60`, SIGUSR1 a minute before the time limit. `install()` turns those signals into a flag; the
-train loop asks `stop_requested()` after each step, writes a checkpoint and raises `Preempted`, and the CLI exits
-with PREEMPTED_EXIT_CODE so the job script can tell "stopped early, requeue me" from success and from failure.
+train loop asks `stop_requested()` (gqa_uptrain/trainer.py says at which steps), writes a checkpoint and raises
+`Preempted`, and the CLI exits with PREEMPTED_EXIT_CODE so the job script can tell "stopped early, requeue me"
+from success and from failure.
 
 The flag is agreed across processes (any process signalled -> all stop at the same step): every process must take
-part in the checkpoint's collective save, and a process that stopped alone would leave the others hanging.
+part in the checkpoint's collective save, and a process that stopped alone would leave the others hanging. Agreeing
+is an allgather, a host sync, so with several processes the trainer asks only at log steps, the same steps on every
+process.
 """
 from __future__ import annotations
 

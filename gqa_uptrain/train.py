@@ -1,4 +1,9 @@
-"""Trainer: seqio data -> sharded, jitted Adafactor steps -> orbax checkpoints, metrics and periodic eval.
+"""Training: seqio data -> sharded, jitted Adafactor steps -> orbax checkpoints, metrics and periodic eval.
+
+`train()` is the entry point. It wires this module's data, loss and step functions to the run's start
+(gqa_uptrain/train_state.py: resume, converted checkpoint or random init), the loop (gqa_uptrain/trainer.py: steps,
+metrics fetched at log steps, eval, saves, keep-best, stop signals) and the checkpoint managers
+(gqa_uptrain/run_checkpoints.py).
 
 One loop serves three run modes (gin files in configs/runs/): pre-training from scratch, the paper's uptraining
 (restore converted GQA parameters, fresh optimiser state, continue T5's rsqrt schedule for a fraction alpha of the
@@ -36,11 +41,9 @@ per-token mean cross-entropy so runs are comparable. The periodic eval scores a 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import sys
-import time
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -50,24 +53,17 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gqa_uptrain import preemption
 from gqa_uptrain import sharding as sharding_lib
-from gqa_uptrain.checkpoint import Manifest
+from gqa_uptrain import train_state
+from gqa_uptrain import trainer as trainer_lib
 from gqa_uptrain.config import ModelConfig
-from gqa_uptrain.model import Transformer, abstract_params, check_remat_policy
+from gqa_uptrain.model import abstract_params, check_remat_policy
 from gqa_uptrain.seq2seq import NUM_REAL_TARGET_TOKENS, SUM_KEYS, EncoderDecoderModel, metrics_from_sums
-from gqa_uptrain.optim import (OptimizerConfig, check_range, learning_rate_schedule, make_optimizer,
-                               opt_state_shardings)
-
-TRAIN_CONFIG_FILE = "train_config.json"
-ITERATOR_STATE = "data_iterators"  # checkpoint item with the tf.data iterator state, and its key in the `data` item
+from gqa_uptrain.optim import OptimizerConfig, check_range
+from gqa_uptrain.run_checkpoints import BEST_DIR, ITERATOR_STATE, RunCheckpoints
 BATCH_AXES = ("data", "fsdp")
 MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
                   "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
-
-
-class NonFiniteLossError(ValueError):
-    """Training produced a NaN/Inf loss or gradient; the last good checkpoint is kept."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,6 +355,13 @@ def make_eval_step(model_config: ModelConfig, cfg: TrainConfig) -> Callable[[Any
 
 # ------------------------------------------------------------------------------------------------------------ state
 
+# Where a run starts lives in gqa_uptrain/train_state.py, the loop in gqa_uptrain/trainer.py; these names stay here.
+TRAIN_CONFIG_FILE = train_state.TRAIN_CONFIG_FILE
+recorded_source_step = train_state.recorded_source_step
+resolve_length = train_state.resolve_length
+describe_run = train_state.describe_run
+NonFiniteLossError = trainer_lib.NonFiniteLossError
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -372,74 +375,6 @@ class TrainResult:
     data_resume: str | None = None
 
 
-def recorded_source_step(directory: str) -> int | None:
-    """The pre-training step a checkpoint directory's manifest.json records, if any (a training MODEL_DIR has
-    no manifest, so None)."""
-    manifest = Manifest.read(directory)
-    return manifest.pretrain_step if manifest else None
-
-
-def resolve_length(cfg: TrainConfig, source_manifest: Manifest | None) -> tuple[int, int | None]:
-    """(train_steps, original_steps): explicit TRAIN_STEPS wins; else round(alpha * original_steps), with
-    ORIGINAL_STEPS or else the pre-training step INITIAL_CHECKPOINT's manifest records."""
-    original = cfg.original_steps or (source_manifest.pretrain_step if source_manifest is not None else None)
-    if cfg.train_steps is not None:
-        return int(cfg.train_steps), original
-    if original is None:
-        raise ValueError("UPTRAIN_FRACTION needs the original pre-training steps: set ORIGINAL_STEPS, or use an "
-                         "INITIAL_CHECKPOINT whose manifest.json records its source step")
-    return max(1, int(round(cfg.uptrain_fraction * original))), original
-
-
-def describe_run(cfg: TrainConfig, train_steps: int, original_steps: int | None, mesh_shape: Mapping[str, int],
-                 resumed_from: int | None, model_dir: pathlib.Path) -> str:
-    """One line saying what this run will do, printed before the first step: a wrong MODEL_DIR, a step count not
-    derived as intended or an unexpected fresh start is visible before any compute is spent."""
-    if cfg.train_steps is not None:
-        how = "TRAIN_STEPS"
-    else:
-        src = "ORIGINAL_STEPS" if cfg.original_steps else "the source checkpoint's recorded step"
-        how = f"α={cfg.uptrain_fraction:g} x {original_steps} original steps, from {src}"
-    start = (f"resuming from step {resumed_from}" if resumed_from is not None
-             else f"fresh from {cfg.initial_checkpoint}" if cfg.initial_checkpoint else "fresh from random init")
-    mesh = " ".join(f"{k}={v}" for k, v in mesh_shape.items())
-    return (f"train: {train_steps} steps ({how}); {start}; task {cfg.mixture_or_task_name}; batch {cfg.batch_size} "
-            f"x lengths {cfg.inputs_length}/{cfg.targets_length}{' packed' if cfg.pack else ''}; mesh {mesh}; "
-            f"into {model_dir}")
-
-
-def _global_from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from a host array every process holds in full."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-BEST_DIR = "best"
-
-
-def _best_manager(model_dir: pathlib.Path, cfg: TrainConfig):
-    """Parameters of the lowest-eval-loss step: orbax keeps the single best of the saves it is given."""
-    import orbax.checkpoint as ocp
-    from gqa_uptrain.checkpoint import TRAIN_CHECKPOINTS_DIR
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["loss"], best_mode="min",
-                                           create=True, enable_async_checkpointing=cfg.async_checkpointing)
-    return ocp.CheckpointManager((model_dir / BEST_DIR / TRAIN_CHECKPOINTS_DIR).absolute(),
-                                 item_names=("params",), options=options)
-
-
-def _checkpoint_manager(model_dir: pathlib.Path, cfg: TrainConfig):
-    import orbax.checkpoint as ocp
-    from gqa_uptrain.checkpoint import TRAIN_CHECKPOINTS_DIR
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=cfg.async_checkpointing)
-    return ocp.CheckpointManager((model_dir / TRAIN_CHECKPOINTS_DIR).absolute(),
-                                 item_names=("params", "opt_state", "data", ITERATOR_STATE), options=options)
-
-
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 # ------------------------------------------------------------------------------------------------------------ loop
 
 
@@ -449,254 +384,61 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
 
     Resumes automatically from the latest complete checkpoint in MODEL_DIR/checkpoints; otherwise initialises
     parameters from cfg.initial_checkpoint (fresh optimiser state, unless the checkpoint carries Adafactor's and
-    cfg.restore_optimizer_state) or from scratch.
-    Raises NonFiniteLossError on a NaN/Inf loss or gradient norm (after the pending checkpoint save completes).
+    cfg.restore_optimizer_state) or from scratch (gqa_uptrain/train_state.py); the loop is gqa_uptrain/trainer.py.
+    `callback(step, record)` is called with each logged train record (every LOG_EVERY steps and at the last step).
+    Raises NonFiniteLossError on a NaN/Inf loss or gradient norm, detected at the next log step, save or eval
+    (after the pending checkpoint save completes).
     """
-    import orbax.checkpoint as ocp
-    from tqdm import tqdm
-
     from gqa_uptrain import checkpoint as ckpt_lib
-    from gqa_uptrain import dataset_checkpoint
-    from gqa_uptrain import recovery
-    from gqa_uptrain.metrics import MetricWriter, has_record, truncate_metrics
 
     model_dir = pathlib.Path(cfg.model_dir).absolute()
     primary = jax.process_index() == 0
     devices = list(devices if devices is not None else jax.devices())
     mesh = sharding_lib.make_mesh(cfg.mesh, devices, flag="MESH (TrainConfig.mesh)")
-    mesh_shape = dict(mesh.shape)
     rules = sharding_lib.DEFAULT_RULES
     batch_sharding, replicated = batch_shardings(cfg, mesh)
-
-    # MODEL_DIR must describe the same model when it already exists.
-    if (model_dir / ckpt_lib.CONFIG_FILE).exists():
-        existing = ckpt_lib.read_config(model_dir)
-        if existing.replace(dropout_rate=0.0, dtype="float32") != model_config.replace(dropout_rate=0.0,
-                                                                                       dtype="float32"):
-            raise ValueError(f"{model_dir / ckpt_lib.CONFIG_FILE} describes a different model than this run's "
-                             "model config; use a new MODEL_DIR")
-
+    train_state.check_model_dir(model_dir, model_config)
     boxed = abstract_params(model_config)
     param_sh = sharding_lib.param_shardings(boxed, mesh, rules, head_dim=model_config.head_dim)
-    param_shapes = nn.meta.unbox(boxed)
-
     if cfg.initial_checkpoint:
         ckpt_lib.check_disjoint(cfg.initial_checkpoint, model_dir, "INITIAL_CHECKPOINT", "MODEL_DIR")
-    mngr = _checkpoint_manager(model_dir, cfg)
-    # Newest checkpoint that restores; damaged ones are moved aside (gqa_uptrain/recovery.py). The optimiser
-    # state's tree does not depend on the schedule offset read from `data`, so cfg.optimizer gives its shapes.
-    probe_abstract, probe_sh = opt_state_shardings(make_optimizer(cfg.optimizer), param_sh, param_shapes, mesh,
-                                                   cfg.optimizer.min_dim_size_to_factor)
-    latest, restored = recovery.restore_newest_good(mngr, model_dir, lambda s: mngr.restore(s, args=ocp.args.Composite(
-        data=ocp.args.JsonRestore(), params=ocp.args.StandardRestore(_with_shardings(param_shapes, param_sh)),
-        opt_state=ocp.args.StandardRestore(_with_shardings(probe_abstract, probe_sh)))), primary)
-    if latest is not None:
-        data_state = restored["data"]
-        if primary:  # the steps after the checkpoint are run again: drop their records
-            truncate_metrics(model_dir, latest)
-        train_steps, original_steps = int(data_state["train_steps"]), data_state.get("original_steps")
-        if cfg.train_steps is not None and cfg.train_steps != train_steps:
-            train_steps = int(cfg.train_steps)  # allow extending a finished run with a larger TRAIN_STEPS
-        shards = cfg.num_data_shards or jax.process_count()
-        if data_state.get("num_data_shards") != shards or data_state.get("batch_size") != cfg.batch_size:
-            raise ValueError(f"checkpoint step {latest} in {model_dir} was written with batch_size="
-                             f"{data_state.get('batch_size')}, num_data_shards={data_state.get('num_data_shards')}; "
-                             f"this run has {cfg.batch_size}, {shards}: resuming would change the data order")
-        schedule_offset = int(data_state.get("schedule_offset", 0))
-        start_step = int(data_state["step"])
-        data_skip_reason = skip_reason(cfg, data_state, jax.process_count())
-    else:
-        source_manifest = Manifest.read(cfg.initial_checkpoint) if cfg.initial_checkpoint else None
-        train_steps, original_steps = resolve_length(cfg, source_manifest)
-        if cfg.continue_schedule and not original_steps:
-            raise ValueError("continue_schedule needs ORIGINAL_STEPS or an INITIAL_CHECKPOINT recording its step")
-        schedule_offset = int(original_steps) if cfg.continue_schedule else cfg.optimizer.step_offset
+    evals = eval_batches(cfg) if cfg.eval_every and cfg.eval_examples else []
+    if cfg.keep_best and not evals:
+        raise ValueError("keep_best needs evaluation: set EVAL_EVERY and EVAL_EXAMPLES > 0")
 
-    opt_cfg = dataclasses.replace(cfg.optimizer, step_offset=schedule_offset)
-    optimizer = make_optimizer(opt_cfg)
-    schedule = learning_rate_schedule(opt_cfg)
-    opt_abstract, opt_sh = opt_state_shardings(optimizer, param_sh, param_shapes, mesh,
-                                               opt_cfg.min_dim_size_to_factor)
+    pc = jax.process_count()
+    data = train_state.DataPipeline(
+        open=lambda start: train_batches(cfg, start_batch=start),
+        skip_reason=lambda item: skip_reason(cfg, item, pc),
+        state_key=_iterator_state_key(cfg, pc) if cfg.checkpoint_dataset else None)
 
-    # Host copy of the initial parameters, read before the mesh context (orbax restores them unsharded).
-    loaded = carried = None
-    if latest is None and cfg.initial_checkpoint:
-        loaded = ckpt_lib.load_params(cfg.initial_checkpoint)
-        ckpt_lib.check_params_match_config(loaded.params, model_config, source=str(cfg.initial_checkpoint))
-        if cfg.restore_optimizer_state:  # (sharded state, step) when the checkpoint carries Adafactor's, else None
-            carried = ckpt_lib.restore_carried_opt_state(cfg.initial_checkpoint, opt_abstract, param_shapes, opt_sh,
-                                                         opt_cfg.min_dim_size_to_factor)
+    def to_global(local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        assert next(iter(local.values())).shape[0] == cfg.batch_size // pc
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v, (cfg.batch_size, v.shape[1]))
+                for k, v in local.items()}
 
-    resumed_from = data_resume = None
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if latest is not None:
-            params, opt_state = restored["params"], restored["opt_state"]
-            resumed_from = start_step
-            if data_skip_reason is None:
-                batches = train_batches(cfg)
-                try:
-                    mngr.restore(latest, args=ocp.args.Composite(**{
-                        ITERATOR_STATE: dataset_checkpoint.DatasetIteratorRestore(batches.iterators)}))
-                except (ValueError, FileNotFoundError) as e:
-                    raise ValueError(f"checkpoint step {latest}: {str(e).splitlines()[0]} (resume with "
-                                     "--gin.CHECKPOINT_DATASET=False to rebuild the pipeline and skip "
-                                     "instead)") from None
-                data_resume, how = "restored", "data iterators restored from the checkpoint"
-            else:
-                batches = train_batches(cfg, start_batch=start_step)
-                data_resume = "skipped"
-                how = f"rebuilt the data pipeline and skipped {start_step} batches, as {data_skip_reason}"
-            if primary:
-                print(f"resuming from step {start_step} in {model_dir}: {how}", file=sys.stderr, flush=True)
-        else:
-            if loaded is not None:
-                params = jax.tree.map(lambda x, s, a: _global_from_host(np.asarray(x, a.dtype), s),
-                                      loaded.params, param_sh, param_shapes)
-            else:
-                init = jax.jit(lambda rng: nn.meta.unbox(Transformer(model_config).init(
-                    rng, jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))["params"]),
-                    out_shardings=param_sh)
-                params = init(jax.random.PRNGKey(cfg.seed))
-            if carried is not None:
-                opt_state, carried_step = carried
-                if primary:
-                    print(f"optimizer: Adafactor state carried by {cfg.initial_checkpoint} restored (step "
-                          f"{carried_step})", file=sys.stderr, flush=True)
-            else:
-                opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
-            start_step = 0
-            batches = train_batches(cfg)
-            if primary:
-                model_dir.mkdir(parents=True, exist_ok=True)
-                ckpt_lib.write_config_files(model_dir, model_config)
-                (model_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(
-                    {**cfg.to_dict(), "resolved_train_steps": train_steps, "resolved_original_steps": original_steps,
-                     "schedule_offset": schedule_offset}, indent=2, sort_keys=True, default=str) + "\n")
-
+    ckpts = RunCheckpoints(model_dir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing)
+    try:
+        state = train_state.initialise(model_config, cfg, mesh, rules, nn.meta.unbox(boxed), param_sh, ckpts,
+                                       data, primary)
         if primary:
-            print(describe_run(cfg, train_steps, original_steps, mesh_shape, resumed_from, model_dir),
-                  file=sys.stderr, flush=True)
-        train_step = jit_train_step(model_config, cfg, optimizer, schedule, mesh, param_sh, opt_sh)
-        eval_step = jax.jit(make_eval_step(model_config, cfg), in_shardings=(param_sh, batch_sharding),
-                            out_shardings=replicated)
-
-        def data_state(step: int) -> dict[str, Any]:
-            return {"step": step, "batches_consumed": step, "train_steps": train_steps,
-                    "original_steps": original_steps, "schedule_offset": schedule_offset, "seed": cfg.seed,
-                    "batch_size": cfg.batch_size, "num_data_shards": cfg.num_data_shards or jax.process_count(),
-                    "mixture_or_task_name": cfg.mixture_or_task_name,
-                    ITERATOR_STATE: _iterator_state_key(cfg, jax.process_count()) if cfg.checkpoint_dataset
-                    else None}
-
-        def ensure_finite(step: int) -> None:
-            # On device, before anything is written: a checkpoint never holds NaN/Inf, so the last saved step
-            # really is the last good one.
-            if not bool(recovery.all_finite(params, opt_state)):
-                mngr.wait_until_finished()
-                raise NonFiniteLossError(
-                    f"non-finite parameters or optimizer state after step {step}; not saved. Last good checkpoint: "
-                    f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in "
-                    f"{model_dir / ckpt_lib.TRAIN_CHECKPOINTS_DIR}. Lower the learning rate or check the data.")
-
-        def save(step: int) -> None:
-            ensure_finite(step)
-            items = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state),
-                     "data": ocp.args.JsonSave(data_state(step))}
-            if cfg.checkpoint_dataset:
-                # Written before save() returns (a synchronous item): `batches` has yielded exactly `step` batches.
-                items[ITERATOR_STATE] = dataset_checkpoint.DatasetIteratorSave(batches.iterators)
-            mngr.save(step, args=ocp.args.Composite(**items), force=True)
-
-        writer = MetricWriter(model_dir, enabled=primary, tensorboard=cfg.tensorboard)
-        evals = eval_batches(cfg) if cfg.eval_every and cfg.eval_examples else []
-        if cfg.keep_best and not evals:
-            raise ValueError("keep_best needs evaluation: set EVAL_EVERY and EVAL_EXAMPLES > 0")
-        best_mngr = _best_manager(model_dir, cfg) if cfg.keep_best else None
-        if best_mngr is not None and primary:
-            ckpt_lib.write_config_files(model_dir / BEST_DIR, model_config)
-        eval_arrays = [{k: _global_from_host(v, batch_sharding) for k, v in b.items()} for b in evals]
-
-        def run_eval(step: int) -> dict[str, float]:
-            tot: dict[str, float] = {}
-            for b in eval_arrays:
-                for k, v in eval_step(params, b).items():
-                    tot[k] = tot.get(k, 0.0) + float(v)
-            w = max(tot.get("weight", 0.0), 1.0)
-            rec = {"loss": tot["cross_entropy"] / w, "z_loss": tot["z_loss"] / w, "accuracy": tot["correct"] / w,
-                   "target_tokens": tot["weight"]}
-            writer.write(step, rec, split="eval")
-            return rec
-
-        history: list[dict[str, Any]] = []
-        eval_history: list[dict[str, Any]] = []
-        step = start_step
-        step_arr = _global_from_host(np.asarray(step, np.int32), replicated)
-        local_rows = cfg.batch_size // jax.process_count()
-        tokens_per_step = cfg.batch_size * (cfg.inputs_length + cfg.targets_length)
-        bar = tqdm(total=train_steps, initial=step, desc="train", unit="step", disable=not (primary and cfg.progress),
-                   dynamic_ncols=True)
-        last_saved = latest
-        t_last, steps_since = time.perf_counter(), 0
-        try:
-            if (resumed_from is not None and eval_arrays and step and (step % cfg.eval_every == 0
-                                                                         or step == train_steps)
-                    and jax.process_count() == 1 and not has_record(model_dir, step, "eval")):
-                # The run that saved this step was stopped before its evaluation was written. (Single process:
-                # every process must agree to run the collective eval, and only process 0 reads metrics.jsonl.)
-                eval_history.append({"step": step, **run_eval(step)})
-            while step < train_steps:
-                local = next(batches)
-                batch = {k: jax.make_array_from_process_local_data(batch_sharding, v, (cfg.batch_size, v.shape[1]))
-                         for k, v in local.items()}
-                assert next(iter(local.values())).shape[0] == local_rows
-                params, opt_state, step_arr, metrics = train_step(params, opt_state, step_arr, batch)
-                step += 1
-                steps_since += 1
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])
-                        and math.isfinite(host["objective"])):
-                    mngr.wait_until_finished()
-                    raise NonFiniteLossError(
-                        f"non-finite loss={host['loss']} / grad_norm={host['grad_norm']} at step {step}; training "
-                        f"stopped without saving. Last good checkpoint: "
-                        f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in "
-                        f"{model_dir / ckpt_lib.TRAIN_CHECKPOINTS_DIR}. Lower the learning rate or check the data.")
-                if callback is not None:
-                    callback(step, host)
-                if step % cfg.log_every == 0 or step == train_steps:
-                    now = time.perf_counter()
-                    dt = max(now - t_last, 1e-9)
-                    rec = {**host, "steps_per_second": steps_since / dt,
-                           "tokens_per_second": steps_since * tokens_per_step / dt}
-                    writer.write(step, rec)
-                    history.append({"step": step, **rec})
-                    bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{rec['tokens_per_second']:.0f}")
-                    t_last, steps_since = now, 0
-                bar.update(1)
-                if step % cfg.save_every == 0 or step == train_steps:
-                    save(step)
-                    last_saved = step
-                if eval_arrays and (step % cfg.eval_every == 0 or step == train_steps):
-                    eval_history.append({"step": step, **run_eval(step)})
-                    if best_mngr is not None:
-                        ensure_finite(step)
-                        best_mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
-                                       metrics={"loss": eval_history[-1]["loss"]}, force=True)
-                # SIGTERM / SIGUSR1 (preemption, time limit): checkpoint now and stop; a re-run resumes here.
-                if step < train_steps and (signum := preemption.stop_requested()) is not None:
-                    if last_saved != step:
-                        save(step)
-                    mngr.wait_until_finished()
-                    raise preemption.Preempted(step, signum)
-            if last_saved != step:
-                save(step)
-            mngr.wait_until_finished()
-            if best_mngr is not None:
-                best_mngr.wait_until_finished()
-        finally:
-            bar.close()
-            writer.close()
-            mngr.close()
-            if best_mngr is not None:
-                best_mngr.close()
-    return TrainResult(params, opt_state, step, history, eval_history, resumed_from, data_resume)
+            print(train_state.describe_run(cfg, state.train_steps, state.original_steps, dict(mesh.shape),
+                                           state.resumed_from, model_dir), file=sys.stderr, flush=True)
+            if cfg.keep_best:
+                ckpt_lib.write_config_files(model_dir / BEST_DIR, model_config)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            trainer = trainer_lib.Trainer(
+                cfg, state, ckpts,
+                train_step=jit_train_step(model_config, cfg, state.optimizer, state.schedule, mesh, param_sh,
+                                          state.opt_shardings),
+                eval_step=jax.jit(make_eval_step(model_config, cfg), in_shardings=(param_sh, batch_sharding),
+                                  out_shardings=replicated),
+                eval_arrays=[{k: train_state.global_from_host(v, batch_sharding) for k, v in b.items()}
+                             for b in evals],
+                to_global=to_global, replicated=replicated, data_state_key=data.state_key, primary=primary,
+                callback=callback)
+            trainer.run()
+    finally:
+        ckpts.close()
+    return TrainResult(state.params, state.opt_state, trainer.step, trainer.history, trainer.eval_history,
+                       state.resumed_from, state.data_resume)

@@ -19,3 +19,23 @@ def tiny_config() -> ModelConfig:
 @pytest.fixture
 def rng() -> jax.Array:
     return jax.random.PRNGKey(0)
+
+
+@pytest.fixture
+def after_train_step(monkeypatch):
+    """Install `f(new_step, params, opt_state, metrics) -> (params, opt_state, metrics)` behind every training step
+    that `train.train` builds (new_step: the on-device step count after the step, 1-based)."""
+    from gqa_uptrain import train as train_lib
+    real = train_lib.make_train_step
+
+    def install(f):
+        def make(*a, **kw):
+            step_fn = real(*a, **kw)
+
+            def wrapped(params, opt_state, step, batch):
+                params, opt_state, new_step, metrics = step_fn(params, opt_state, step, batch)
+                params, opt_state, metrics = f(new_step, params, opt_state, metrics)
+                return params, opt_state, new_step, metrics
+            return wrapped
+        monkeypatch.setattr(train_lib, "make_train_step", make)
+    return install

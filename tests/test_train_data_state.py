@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from gqa_uptrain import dataset_checkpoint
+from gqa_uptrain import dataset_checkpoint, run_checkpoints
 from gqa_uptrain import train as train_lib
 from gqa_uptrain.config import ModelConfig
 from gqa_uptrain.optim import OptimizerConfig
@@ -37,7 +37,7 @@ def _restored_next(run_dir, step, cfg):
     """The first batch of a fresh pipeline after restoring checkpoint `step`'s iterator state into it."""
     import orbax.checkpoint as ocp
     batches = train_lib.train_batches(cfg)
-    with train_lib._checkpoint_manager(run_dir, cfg) as mngr:
+    with run_checkpoints.checkpoint_manager(run_dir, cfg.keep_checkpoints) as mngr:
         mngr.restore(step, args=ocp.args.Composite(**{
             train_lib.ITERATOR_STATE: dataset_checkpoint.DatasetIteratorRestore(batches.iterators)}))
     return next(batches)
@@ -79,7 +79,7 @@ def test_save_captures_the_iterator_before_it_advances(tmp_path):
     batches = train_lib.train_batches(cfg)
     expected = list(itertools.islice(train_lib.train_batches(cfg), 3))
     next(batches)
-    with train_lib._checkpoint_manager(tmp_path, cfg) as mngr:
+    with run_checkpoints.checkpoint_manager(tmp_path, cfg.keep_checkpoints) as mngr:
         mngr.save(1, args=ocp.args.Composite(**{
             train_lib.ITERATOR_STATE: dataset_checkpoint.DatasetIteratorSave(batches.iterators)}))
         for _ in range(3):
@@ -152,7 +152,7 @@ def test_restoring_into_another_shard_layout_is_a_clear_error(runs):
     run = root / "with"
     cfg = _tc(run)
     two_shards = train_lib.train_batches(_tc(run, num_data_shards=2))  # shard_0_of_2, shard_1_of_2
-    with train_lib._checkpoint_manager(run, cfg) as mngr:
+    with run_checkpoints.checkpoint_manager(run, cfg.keep_checkpoints) as mngr:
         with pytest.raises(ValueError, match=r"cannot restore iterator state .*process_0_of_1 into this run's "
                                              r"data shards \['shard_0_of_2', 'shard_1_of_2'\]"):
             mngr.restore(4, args=ocp.args.Composite(**{train_lib.ITERATOR_STATE: dataset_checkpoint.
