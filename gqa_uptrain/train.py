@@ -504,8 +504,9 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
     # MODEL_DIR must describe the same model when it already exists.
     if (model_dir / ckpt_lib.CONFIG_FILE).exists():
         existing = ckpt_lib.read_config(model_dir)
-        if existing.replace(dropout_rate=0.0, dtype="float32") != model_config.replace(dropout_rate=0.0,
-                                                                                       dtype="float32"):
+        # Dropout, activation dtype and layer scanning change the run, not the parameters.
+        same = dict(dropout_rate=0.0, dtype="float32", scan_layers=False)
+        if existing.replace(**same) != model_config.replace(**same):
             raise ValueError(f"{model_dir / ckpt_lib.CONFIG_FILE} describes a different model than this run's "
                              "model config; use a new MODEL_DIR")
 
