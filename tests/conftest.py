@@ -19,3 +19,13 @@ def tiny_config() -> ModelConfig:
 @pytest.fixture
 def rng() -> jax.Array:
     return jax.random.PRNGKey(0)
+
+
+@pytest.fixture(scope="module")
+def aot():
+    """gqa_uptrain.aot, or a skip naming why TPU topologies cannot be described here (no libtpu)."""
+    from gqa_uptrain import aot as aot_lib
+    reason = aot_lib.libtpu_available()
+    if reason:
+        pytest.skip(f"TPU ahead-of-time compilation needs libtpu: {reason}")
+    return aot_lib

@@ -164,15 +164,6 @@ def test_decode_equal_unrolled(gqa, rng):
     assert decode.cache_bytes(cache) == decode.cache_bytes(decode.encode_and_prefill(gqa, 7)(params, enc)[2])
 
 
-@pytest.fixture(scope="module")
-def aot():
-    from gqa_uptrain import aot as aot_lib
-    reason = aot_lib.libtpu_available()
-    if reason:
-        pytest.skip(f"TPU ahead-of-time compilation needs libtpu: {reason}")
-    return aot_lib
-
-
 def test_scanned_train_and_decode_compile_for_v5e(aot, tiny_config):
     """The scanned tiny model's train step and decode step compile on v5e:2x2 with the state the unrolled one has
     (same arguments per device: the per-layer tree and its shardings)."""
