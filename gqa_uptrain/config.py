@@ -44,6 +44,11 @@ class ModelConfig:
     param_dtype: DType = "float32"
     # Sharded cross-entropy friendly: T5.1.1 keeps a separate output projection (untied logits).
     logits_via_embedding: bool = False
+    # Run each encoder/decoder stack as one nn.scan over a layer (stacked parameters inside the model) instead of
+    # unrolling it: the same values and the same per-layer parameter tree outside the model (see model.Transformer),
+    # a compiled program one layer long. A property of the program, not of the architecture: checkpoints written
+    # with and without it are interchangeable.
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
@@ -72,6 +77,8 @@ class ModelConfig:
                 object.__setattr__(self, kind, self.num_heads)
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"ModelConfig.scan_layers must be True or False, got {self.scan_layers!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"ModelConfig.{name} must be float32, bfloat16 or float16, "

@@ -275,17 +275,19 @@ class BeamSearchOutput(NamedTuple):
         return self.sequences[:, 0]
 
 
-def _gather_beams(x: Array, flat_index: Array) -> Array:
-    return jnp.take(x, flat_index, axis=0)
+def _cache_batch_axis(x: Array) -> int:
+    """The batch axis of a cache entry: 1 in a scanned model's [layers, batch, G, length, head_dim] K/V, else 0."""
+    return 1 if x.ndim == 5 else 0
 
 
 def _reorder_cache(cache: Any, flat_index: Array) -> Any:
     """Reorder self-attention caches to follow the surviving beams. Cross-attention K/V are identical for all
-    beams of a row and the step counter is a scalar, so both are left as they are."""
+    beams of a row and the step counter is a scalar, so both are left as they are. A scanned model's cache
+    (ModelConfig.scan_layers) is [layers, batch, ...]: gathered per layer."""
     def fix(path, x):
         names = [getattr(p, "key", None) for p in path]
         if "self_attention" in names and x.ndim > 0:
-            return _gather_beams(x, flat_index)
+            return jnp.take(x, flat_index, axis=_cache_batch_axis(x))
         return x
     return jax.tree_util.tree_map_with_path(fix, cache)
 
@@ -299,7 +301,7 @@ def _beam_search(params: Any, encoder_input_tokens: Array, alpha: Array, eos: Ar
     encoded = _encode(model, params, enc)
     logits, cache = _prefill(model, params, encoded, enc, length)
     # Beams live in the batch dimension: row r, beam j -> r * k + j. Prefill once per row, then copy.
-    tile = lambda x: jnp.repeat(x, k, axis=0) if x.ndim > 0 else x  # noqa: E731
+    tile = lambda x: jnp.repeat(x, k, axis=_cache_batch_axis(x)) if x.ndim > 0 else x  # noqa: E731
     cache, encoded, enc, logits = jax.tree.map(tile, (cache, encoded, enc, logits))
 
     def select(i, logits, st):

@@ -20,10 +20,18 @@ Every parameter carries logical axis names (see `gqa_uptrain.sharding`).
 
 Rematerialisation (`Transformer(config, remat_policy=...)`, training only) wraps each encoder/decoder layer in
 `nn.remat`; the lifted layer keeps its name, so the parameter tree is the same for every policy.
+
+Layer scanning (`ModelConfig.scan_layers`) runs each stack as one `nn.scan` over a layer (nn.remat inside the scan
+body), so XLA compiles one layer instead of 24: inside the model the parameters are
+{encoder,decoder}/layers/layer/... [layers, ...] (logical axis 'layers', never sharded) and the decode cache is
+[layers, batch, kv_heads, length, head_dim]. The parameter tree every caller passes and receives stays the one above
+(`Transformer` maps it with `stack_layers` / `unstack_layers`), so checkpoints, converters, name tables, the
+optimiser state and its shardings do not depend on the option.
 """
 from __future__ import annotations
 
-from typing import Callable
+import re
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -170,6 +178,42 @@ class DecoderLayer(nn.Module):
         return nn.with_logical_constraint(x, _ACT)
 
 
+class _ScanBody(nn.Module):
+    """One encoder/decoder layer as an nn.scan body: (x, *broadcast arrays) -> (x, None).
+
+    The layer's python arguments (enable_dropout, decode, max_decode_length) are attributes here, so every argument
+    the scan and an enclosing nn.remat see is an array (or None)."""
+
+    layer: type[nn.Module]
+    config: ModelConfig
+    array_names: tuple[str, ...]  # the layer's keyword names for *args
+    static_kwargs: tuple[tuple[str, object], ...]
+
+    @nn.compact
+    def __call__(self, x: Array, *args: Array | None) -> tuple[Array, None]:
+        kwargs = dict(zip(self.array_names, args), **dict(self.static_kwargs))
+        return self.layer(self.config, name="layer")(x, **kwargs), None
+
+
+# Name of the scanned stack inside the model ({encoder,decoder}/layers/layer/..., leading axis = layer); the
+# parameter tree outside the model keeps T5X's layers_{i} (stack_layers / unstack_layers).
+SCANNED = "layers"
+
+
+def _scanned_stack(layer: type[nn.Module], cfg: ModelConfig, remat_policy: str, num_layers: int,
+                   array_names: tuple[str, ...], static_kwargs: tuple[tuple[str, object], ...]) -> nn.Module:
+    """`num_layers` copies of `layer` as one nn.scan (nn.remat inside it when a policy is set). Parameters and the
+    decode cache get a leading [layers] axis, logical name 'layers' (never sharded: each device runs every layer);
+    every layer draws its own params/dropout rngs. Called as (x, *arrays) (the arrays named by `array_names`), it
+    returns (x, None)."""
+    body = _ScanBody
+    if check_remat_policy(remat_policy) != "none":
+        body = nn.remat(_ScanBody, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=nn.broadcast, length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(layer, cfg, array_names, static_kwargs, name=SCANNED)
+
+
 def _pair_mask(q_valid: Array, k_valid: Array, q_segments: Array | None = None,
                k_segments: Array | None = None) -> Array:
     """[batch, q] and [batch, k] validity (and optional packing segment ids) -> bool [batch, 1, q, k]."""
@@ -197,9 +241,13 @@ class Encoder(nn.Module):
         x = self.embedder(tokens).astype(_dtype(cfg.dtype))
         x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
         x = nn.with_logical_constraint(x, _ACT)
-        layer = _layer_class(EncoderLayer, self.remat_policy, static_argnums=(4,))  # enable_dropout
-        for i in range(cfg.num_encoder_layers):
-            x = layer(cfg, name=f"layers_{i}")(x, bias, mask, enable_dropout)
+        if cfg.scan_layers:
+            x = _scanned_stack(EncoderLayer, cfg, self.remat_policy, cfg.num_encoder_layers, ("bias", "mask"),
+                               (("enable_dropout", enable_dropout),))(x, bias, mask)[0]
+        else:
+            layer = _layer_class(EncoderLayer, self.remat_policy, static_argnums=(4,))  # enable_dropout
+            for i in range(cfg.num_encoder_layers):
+                x = layer(cfg, name=f"layers_{i}")(x, bias, mask, enable_dropout)
         x = RMSNorm(cfg.layer_norm_epsilon, name="encoder_norm", **_common(cfg))(x)
         return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
 
@@ -258,12 +306,21 @@ class Decoder(nn.Module):
         x = self.embedder(decoder_input_tokens).astype(_dtype(cfg.dtype))
         x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
         x = nn.with_logical_constraint(x, _ACT)
-        # enable_dropout, decode, max_decode_length; never while decoding (no backward pass, and a cache to write).
-        layer = _layer_class(DecoderLayer, "none" if decode else self.remat_policy, static_argnums=(6, 7, 9))
-        for i in range(cfg.num_decoder_layers):
-            x = layer(cfg, name=f"layers_{i}")(
-                x, encoded, self_bias, self_mask, cross_mask, enable_dropout, decode, decode_index,
-                max_decode_length)
+        # Remat never while decoding (no backward pass, and a cache to write).
+        remat_policy = "none" if decode else self.remat_policy
+        if cfg.scan_layers:
+            x = _scanned_stack(DecoderLayer, cfg, remat_policy, cfg.num_decoder_layers,
+                               ("encoded", "self_bias", "self_mask", "cross_mask", "decode_index"),
+                               (("enable_dropout", enable_dropout), ("decode", decode),
+                                ("max_decode_length", max_decode_length)))(
+                x, encoded, self_bias, self_mask, cross_mask, decode_index)[0]
+        else:
+            # enable_dropout, decode, max_decode_length are static under remat.
+            layer = _layer_class(DecoderLayer, remat_policy, static_argnums=(6, 7, 9))
+            for i in range(cfg.num_decoder_layers):
+                x = layer(cfg, name=f"layers_{i}")(
+                    x, encoded, self_bias, self_mask, cross_mask, enable_dropout, decode, decode_index,
+                    max_decode_length)
         x = RMSNorm(cfg.layer_norm_epsilon, name="decoder_norm", **_common(cfg))(x)
         x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
         if cfg.logits_via_embedding:
@@ -276,6 +333,8 @@ class Decoder(nn.Module):
 
     def _cached_length(self) -> int:
         cache = self.variables["cache"]
+        if self.config.scan_layers:  # [layers, batch, kv_heads, length, head_dim]
+            return cache[SCANNED]["layer"]["self_attention"]["cached_key"].shape[3]
         return cache["layers_0"]["self_attention"]["cached_key"].shape[2]
 
 
@@ -299,8 +358,9 @@ class Embed(nn.Module):
         return jnp.einsum("...e,ve->...v", x.astype(jnp.float32), jnp.asarray(self.embedding, jnp.float32))
 
 
-class Transformer(nn.Module):
-    """The full model. `__call__` is teacher-forced scoring; `encode` / `decode` are used by generation.
+class TransformerModule(nn.Module):
+    """The full model (build it with `Transformer`). `__call__` is teacher-forced scoring; `encode` / `decode` are
+    used by generation.
 
     remat_policy (a REMAT_POLICIES key) changes what the backward pass keeps, never values or parameters.
     """
@@ -334,6 +394,99 @@ class Transformer(nn.Module):
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                            encoder_segment_ids, decoder_segment_ids, enable_dropout)
+
+
+def _map_stacks(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    """`tree` with fn applied to its 'encoder' and 'decoder' subtrees (other keys as they are)."""
+    out = dict(tree)
+    for stack in ("encoder", "decoder"):
+        if stack in out:
+            out[stack] = fn(dict(out[stack]))
+    return out
+
+
+def _layer_index(key: str) -> int | None:
+    m = re.fullmatch(r"layers_(\d+)", key)
+    return int(m.group(1)) if m else None
+
+
+def stack_layers(params: Any) -> Any:
+    """T5X per-layer parameters -> the scanned model's layout (pure; arrays, ShapeDtypeStructs or boxed).
+
+    {encoder,decoder}/layers_{i}/X [...] (i = 0..L-1) become {encoder,decoder}/layers/layer/X [L, ...]; boxed
+    (nn.LogicallyPartitioned) leaves get the logical axis 'layers' in front. A tree that is already stacked (no
+    layers_{i} keys) is returned as it is. Missing or extra layer numbers are a ValueError naming them.
+    """
+    def stack(sub: dict) -> dict:
+        idx = sorted(i for k in sub if (i := _layer_index(k)) is not None)
+        if not idx:
+            return sub
+        if idx != list(range(len(idx))):
+            missing = sorted(set(range(max(idx) + 1)) - set(idx))
+            raise ValueError(f"layers are not numbered 0..{len(idx) - 1}: missing layers_{missing[0]}")
+        layers = [sub.pop(f"layers_{i}") for i in idx]
+        sub[SCANNED] = {"layer": jax.tree.map(_stack_leaves, *layers, is_leaf=_is_boxed)}
+        return sub
+    return _map_stacks(params, stack)
+
+
+def unstack_layers(params: Any) -> Any:
+    """The scanned model's layout -> T5X per-layer parameters; the inverse of `stack_layers` (pure)."""
+    def unstack(sub: dict) -> dict:
+        if SCANNED not in sub:
+            return sub
+        stacked = sub.pop(SCANNED)["layer"]
+        n = {_unboxed(x).shape[0] for x in jax.tree.leaves(stacked, is_leaf=_is_boxed)}
+        if len(n) != 1:
+            raise ValueError(f"stacked layers disagree on the number of layers: {sorted(n)}")
+        for i in range(n.pop()):
+            sub[f"layers_{i}"] = jax.tree.map(lambda x: _take_layer(x, i), stacked, is_leaf=_is_boxed)
+        return sub
+    return _map_stacks(params, unstack)
+
+
+def _is_boxed(x: Any) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def _unboxed(x: Any) -> Any:
+    return x.value if _is_boxed(x) else x
+
+
+def _stack_leaves(*xs: Any) -> Any:
+    if _is_boxed(xs[0]):
+        return xs[0].replace(value=_stack_leaves(*(x.value for x in xs)), names=("layers",) + tuple(xs[0].names))
+    if isinstance(xs[0], jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype)
+    return jnp.stack(xs)
+
+
+def _take_layer(x: Any, i: int) -> Any:
+    if _is_boxed(x):
+        names = tuple(x.names)
+        if names[:1] != ("layers",):
+            raise ValueError(f"a stacked parameter's first logical axis must be 'layers', got {names}")
+        return x.replace(value=_take_layer(x.value, i), names=names[1:])
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
+    return x[i]
+
+
+# With scan_layers the module runs on stacked parameters; this lifted version takes and gives the per-layer tree, so
+# every caller (trainer, decoder, converters, checkpoints) sees the same names either way. Gradients flow through
+# the stacking; the price is one stacked copy of the parameters while the program runs.
+_ScannedTransformerModule = nn.map_variables(
+    TransformerModule, "params", trans_in_fn=lambda v: {c: stack_layers(t) for c, t in v.items()},
+    trans_out_fn=lambda v: {c: unstack_layers(t) for c, t in v.items()}, mutable=True,
+    methods=["__call__", "encode", "decode"])
+
+
+def Transformer(config: ModelConfig, remat_policy: str = "none") -> TransformerModule:  # noqa: N802 (a class to callers)
+    """The model for `config`: parameters are always in the T5X per-layer layout (layers_{i}); with
+    config.scan_layers the stacks run as nn.scan on a stacked view of them (see ModelConfig.scan_layers)."""
+    cls = _ScannedTransformerModule if config.scan_layers else TransformerModule
+    return cls(config, remat_policy)
+
 
 
 def _boxed_init(config: ModelConfig, rng: jax.Array):

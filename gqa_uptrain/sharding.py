@@ -37,6 +37,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("joined_kv", "model"),
     ("joined_grouped_kv", "model"),
     ("relpos_buckets", None),
+    # The leading axis of scanned layer stacks (ModelConfig.scan_layers): every device runs every layer.
+    ("layers", None),
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
@@ -190,7 +192,8 @@ def cache_partition_specs(cache: Any, mesh_shape: Mapping[str, int]) -> Any:
 
     cached_key / cached_value [batch, kv_heads, length, head_dim]: batch over data/fsdp (when it divides), kv_heads
     over `model` only when the head count divides by it, head_dim never; anything else (the step counter) is
-    replicated. A cache whose G heads do not divide over `model` is replicated there, as its kernels are.
+    replicated. A cache whose G heads do not divide over `model` is replicated there, as its kernels are. A scanned
+    model's cache (ModelConfig.scan_layers) has a leading [layers] axis, never split.
     """
     from flax import traverse_util
     flat = traverse_util.flatten_dict(dict(cache))
@@ -199,15 +202,16 @@ def cache_partition_specs(cache: Any, mesh_shape: Mapping[str, int]) -> Any:
     m = mesh_shape.get("model", 1)
     specs, logged = {}, set()
     for path, leaf in flat.items():
-        if path[-1] in ("cached_key", "cached_value") and len(leaf.shape) == 4:
-            b, g = leaf.shape[:2]
+        if path[-1] in ("cached_key", "cached_value") and len(leaf.shape) in (4, 5):
+            layers = (None,) * (len(leaf.shape) - 4)
+            b, g = leaf.shape[len(layers):len(layers) + 2]
             heads = "model" if m > 1 and g % m == 0 else None
             kind = next((p for p in path if "attention" in str(p)), "attention")
             if m > 1 and heads is None and kind not in logged:
                 logged.add(kind)
                 _log.info("%s cache has %d key/value heads, not divisible by model=%d: replicated over model",
                           kind, g, m)
-            specs[path] = PartitionSpec(batch if batch and b % n_batch == 0 else None, heads, None, None)
+            specs[path] = PartitionSpec(*layers, batch if batch and b % n_batch == 0 else None, heads, None, None)
         else:
             specs[path] = PartitionSpec()
     return traverse_util.unflatten_dict(specs)

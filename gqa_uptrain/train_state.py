@@ -148,8 +148,9 @@ def check_model_dir(model_dir: pathlib.Path, model_config: ModelConfig) -> None:
     from gqa_uptrain import checkpoint as ckpt_lib
     if (model_dir / ckpt_lib.CONFIG_FILE).exists():
         existing = ckpt_lib.read_config(model_dir)
-        if existing.replace(dropout_rate=0.0, dtype="float32") != model_config.replace(dropout_rate=0.0,
-                                                                                       dtype="float32"):
+        # Dropout, activation dtype and layer scanning change the run, not the parameters.
+        same = dict(dropout_rate=0.0, dtype="float32", scan_layers=False)
+        if existing.replace(**same) != model_config.replace(**same):
             raise ValueError(f"{model_dir / ckpt_lib.CONFIG_FILE} describes a different model than this run's "
                              "model config; use a new MODEL_DIR")
 

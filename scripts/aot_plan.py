@@ -10,6 +10,15 @@ can be stopped and resumed (G values already in the file are skipped).
   JAX_PLATFORMS=cpu python scripts/aot_plan.py --groups 1,8,64 --out docs/bench/aot_table1.jsonl
   python scripts/aot_plan.py --table --out docs/bench/aot_table1.jsonl    # the markdown table of docs/scaling.md
 
+`--uptrain` compiles the trainer's step instead (train.jit_train_step, layers scanned: ModelConfig.scan_layers) for
+a T5.1.1 size and G on each --topologies slice, with the microbatch counts of --microbatches tried in order until
+one fits, and appends one line per compile to docs/bench/aot_uptrain.jsonl (with the machine, its load, the jax and
+libtpu versions and the compile seconds); `--uptrain --table` prints the table of docs/scaling.md from them:
+
+  JAX_PLATFORMS=cpu nice -n 19 python scripts/aot_plan.py --uptrain --size xxl --groups 8 \
+      --topologies v4:2x2x4=data=1,fsdp=16,model=1 --microbatches 4,8
+  python scripts/aot_plan.py --uptrain --table
+
 Besides the roofline from XLA's "bytes accessed" (which counts every HLO operand, including copies and transposes
 of the cache), the table gives a floor: the step's argument bytes (every weight and cache entry read once) over
 the HBM bandwidth.
@@ -128,17 +137,129 @@ def plot(path: pathlib.Path, png: str) -> None:
     fig.savefig(png, dpi=120)
 
 
+UPTRAIN_OUT = "docs/bench/aot_uptrain.jsonl"
+
+
+def t5_config(size: str, groups: int, scan: bool = True):
+    """The configs/models/t5_1_1/<size>.gin model with G decoder key/value heads (the paper's uptraining target)."""
+    from gqa_uptrain import gin_utils
+    gin_utils.parse_gin([f"models/t5_1_1/{size}.gin"], [f"NUM_KV_HEADS = {groups}", f"SCAN_LAYERS = {scan}"])
+    return gin_utils.model_config_from_gin()
+
+
+def machine() -> dict:
+    """What the compile ran on: CPU model, cores, load at the start, versions."""
+    import importlib.metadata
+    import os
+    import platform
+    cpu = next((l.split(":", 1)[1].strip() for l in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if pathlib.Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 1),
+            "jax": importlib.metadata.version("jax"), "libtpu": importlib.metadata.version("libtpu")}
+
+
+def uptrain(args) -> None:
+    """Compile the train step per (G, slice), microbatch counts in order until one fits; a JSON line each."""
+    from gqa_uptrain import aot
+    from gqa_uptrain.train import TrainConfig
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for g in [int(x) for x in args.groups.split(",")]:
+        cfg = t5_config(args.size, g, scan=not args.no_scan)
+        for entry in args.topologies.split(";"):
+            topo, _, mesh_spec = entry.partition("=")
+            chip, mesh = aot.chip_for(topo), aot.topology_mesh(topo, mesh_spec)
+            for m in [int(x) for x in args.microbatches.split(",")]:
+                tc = TrainConfig(model_dir="unused", train_steps=1, batch_size=args.batch_size,
+                                 inputs_length=args.inputs_length, targets_length=args.targets_length,
+                                 num_microbatches=m, remat_policy=args.remat_policy)
+                rec = {"size": args.size, "groups": g, "num_heads": cfg.num_heads, "topology": topo, "mesh": mesh_spec, "devices": mesh.size,
+                       "batch_size": args.batch_size, "inputs_length": args.inputs_length,
+                       "targets_length": args.targets_length, "num_microbatches": m,
+                       "remat_policy": args.remat_policy, "scan_layers": cfg.scan_layers, "machine": machine()}
+                print(f"{args.size} G={g} {topo} {mesh_spec} microbatches={m} ...", file=sys.stderr, flush=True)
+                cpu0 = time.process_time()
+                r = aot.compile_train(cfg, tc, mesh, chip)
+                # CPU seconds of this process: less dependent on the host's load than the wall-clock compile_seconds.
+                rec["compile_cpu_seconds"] = round(time.process_time() - cpu0, 1)
+                with out.open("a") as f:
+                    f.write(json.dumps({**rec, "result": r}) + "\n")
+                total = r["per_device_bytes"]["total"]
+                print(f"  fits={r['fits']} total={'?' if total is None else f'{total / 2**30:.1f} GiB'} "
+                      f"compile {r['compile_seconds']:.0f} s", file=sys.stderr, flush=True)
+                if r["fits"]:
+                    break
+
+
+def _chips(d: dict) -> int:
+    return d["devices"]  # v4 / v5p: one megacore device per chip
+
+
+def uptrain_table(path: pathlib.Path) -> str:
+    """Every compile (fits or not), then per (size, G, generation) the smallest slice that fits."""
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    gen = lambda d: d["topology"].split(":")[0]  # noqa: E731
+    kind = lambda d: ("MQA" if d["groups"] == 1 else "MHA" if d["groups"] == d["num_heads"]  # noqa: E731
+                      else f"GQA-{d['groups']}")
+    out = ["| model | attention | slice (chips) | mesh | microbatches | remat | scan | fits | GiB/chip (of HBM) | "
+           "temp GiB | roofline s/step | compile s (wall) | compile CPU s | host load |", "|---" * 14 + "|"]
+    for d in sorted(rows, key=lambda d: (d["size"], -d["groups"], gen(d), _chips(d), d["num_microbatches"])):
+        r = d["result"]
+        total, temp, roof = r["per_device_bytes"]["total"], r["per_device_bytes"]["temp"], r["roofline_seconds"]
+        out.append(f"| {d['size'].upper()} | {kind(d)} | {d['topology']} ({_chips(d)}) | {d['mesh']} | "
+                   f"{d['num_microbatches']} | {d['remat_policy']} | {'yes' if d['scan_layers'] else 'no'} | "
+                   f"{'yes' if r['fits'] else 'NO'} | "
+                   f"{'?' if total is None else f'{total / 2**30:.1f}'} ({r['hbm_bytes'] / 2**30:.0f}) | "
+                   f"{'-' if temp is None else f'{temp / 2**30:.1f}'} | "
+                   f"{'-' if roof is None else f'{roof:.1f}'} | "
+                   f"{r['compile_seconds']:.0f} | {d.get('compile_cpu_seconds', '-')} | "
+                   f"{d['machine']['load_average_1min']} |")
+    best: dict = {}
+    for d in rows:
+        if d["result"]["fits"]:
+            key = (d["size"], d["groups"], gen(d))
+            if key not in best or _chips(d) < _chips(best[key]):
+                best[key] = d
+    out += ["", "| model | attention | generation | smallest slice that fits (of those compiled) | microbatches |",
+            "|---" * 5 + "|"]
+    for (size, g, gn), d in sorted(best.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
+        out.append(f"| {size.upper()} | {kind(d)} | {gn} | {d['topology']} ({_chips(d)} chips) | "
+                   f"{d['num_microbatches']} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--groups", default="1,2,4,8,16,32,64")
     p.add_argument("--topology", default="v4:2x2x2")
     p.add_argument("--mesh", default="data=1,fsdp=1,model=8")
-    p.add_argument("--inputs_length", type=int, default=2048)
+    p.add_argument("--inputs_length", type=int, default=None, help="default 2048 (decoding), 512 (--uptrain)")
     p.add_argument("--outputs_length", type=int, default=DECODE_STEPS)
-    p.add_argument("--out", default="docs/bench/aot_table1.jsonl")
+    p.add_argument("--out", default=None, help=f"JSON lines (default docs/bench/aot_table1.jsonl, with --uptrain "
+                                                  f"{UPTRAIN_OUT})")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     p.add_argument("--plot", default=None, metavar="PNG", help="with --table: also draw the curve")
+    u = p.add_argument_group("uptraining (--uptrain): the train step instead of decoding")
+    u.add_argument("--uptrain", action="store_true")
+    u.add_argument("--size", default="xxl", choices=["small", "base", "large", "xl", "xxl"])
+    u.add_argument("--topologies", default="v4:2x2x4=data=1,fsdp=16,model=1",
+                   help="';'-separated TOPOLOGY=MESH entries, e.g. 'v4:2x2x4=fsdp=16;v5p:2x2x2=fsdp=8'")
+    u.add_argument("--microbatches", default="1,2,4,8", help="counts tried in order until one fits")
+    u.add_argument("--batch_size", type=int, default=2048)
+    u.add_argument("--targets_length", type=int, default=114)
+    u.add_argument("--remat_policy", default="full")
+    u.add_argument("--no_scan", action="store_true", help="unrolled layers (compile time grows with depth)")
     args = p.parse_args(argv)
+    if args.uptrain:
+        args.inputs_length = args.inputs_length or 512  # the uptraining setting: 512 / 114
+        args.out = args.out or UPTRAIN_OUT
+        if args.table:
+            print(uptrain_table(pathlib.Path(args.out)))
+        else:
+            uptrain(args)
+        return 0
+    args.out = args.out or "docs/bench/aot_table1.jsonl"
+    args.inputs_length = args.inputs_length or 2048
     if args.table:
         print(table(pathlib.Path(args.out)))
         if args.plot:

@@ -39,3 +39,13 @@ def after_train_step(monkeypatch):
             return wrapped
         monkeypatch.setattr(train_lib, "make_train_step", make)
     return install
+
+
+@pytest.fixture(scope="module")
+def aot():
+    """gqa_uptrain.aot, or a skip naming why TPU topologies cannot be described here (no libtpu)."""
+    from gqa_uptrain import aot as aot_lib
+    reason = aot_lib.libtpu_available()
+    if reason:
+        pytest.skip(f"TPU ahead-of-time compilation needs libtpu: {reason}")
+    return aot_lib

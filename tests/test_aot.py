@@ -49,15 +49,6 @@ def test_cache_specs_follow_kv_heads():
     assert s4["layers_0"]["self_attention"]["cached_value"] == P(("data",), "model", None, None)
 
 
-@pytest.fixture(scope="module")
-def aot():
-    from gqa_uptrain import aot as aot_lib
-    reason = aot_lib.libtpu_available()
-    if reason:
-        pytest.skip(f"TPU ahead-of-time compilation needs libtpu: {reason}")
-    return aot_lib
-
-
 def test_topologies_count_devices_as_jax_does(aot):
     assert len(aot.topology_devices("v5e:2x2")) == 4
     assert len(aot.topology_devices("v4:2x2x2")) == 8  # megacore: one device per chip, not two
