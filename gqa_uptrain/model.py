@@ -29,7 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gqa_uptrain.attention import Attention, Dense, RelativePositionBiases, _dense_init, sum_leading_axes
+from gqa_uptrain import xla_cpu
+from gqa_uptrain.attention import Attention, Dense, RelativePositionBiases, _dense_init, attention_impl, check_impl
 from gqa_uptrain.config import ModelConfig
 
 Array = jax.Array
@@ -69,31 +70,13 @@ def _layer_class(layer: type[nn.Module], remat_policy: str, static_argnums: tupl
     return nn.remat(layer, policy=REMAT_POLICIES[remat_policy], static_argnums=static_argnums)
 
 
-@jax.custom_vjp
-def _scale_features(y: Array, scale: Array) -> Array:
-    """y [..., d] * scale [d]; the scale gradient is a sum over all leading axes, done as a GEMV (see
-    attention.sum_leading_axes for why)."""
-    return y * scale
-
-
-def _scale_features_fwd(y, scale):
-    return y * scale, (y, scale)
-
-
-def _scale_features_bwd(res, g):
-    y, scale = res
-    return g * scale, sum_leading_axes(g * y, g.ndim - 1)
-
-
-_scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
-
-
 class RMSNorm(nn.Module):
-    """T5 layer norm: no mean subtraction, no bias; statistics in float32."""
+    """T5 layer norm: no mean subtraction, no bias; statistics in float32. impl: see attention.attention_impl."""
 
     epsilon: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -101,7 +84,9 @@ class RMSNorm(nn.Module):
                            (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-        return _scale_features(y, jnp.asarray(scale, jnp.float32)).astype(self.dtype)
+        scale = jnp.asarray(scale, jnp.float32)
+        y = xla_cpu.scale_features(y, scale) if attention_impl(self.impl) == "xla_cpu" else y * scale
+        return y.astype(self.dtype)
 
 
 class GatedGeluMlp(nn.Module):
@@ -111,11 +96,12 @@ class GatedGeluMlp(nn.Module):
     dropout_rate: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"  # see attention.attention_impl
 
     @nn.compact
     def __call__(self, x: Array, enable_dropout: bool) -> Array:
         init = _dense_init(1.0, "fan_in", "truncated_normal")
-        kw = dict(kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl)
         h = nn.gelu(Dense(self.d_ff, ("embed", "mlp"), name="wi_0", **kw)(x), approximate=True)
         h = h * Dense(self.d_ff, ("embed", "mlp"), name="wi_1", **kw)(x)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
@@ -127,45 +113,54 @@ def _common(cfg: ModelConfig) -> dict:
     return dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
 
 
+def _with_impl(cfg: ModelConfig, impl: str) -> dict:
+    """_common plus the implementation path, for the modules that have one (norms, attention, MLP)."""
+    return dict(_common(cfg), impl=impl)
+
+
 class EncoderLayer(nn.Module):
     config: ModelConfig
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, bias: Array, mask: Array, enable_dropout: bool) -> Array:
         cfg = self.config
+        common = _with_impl(cfg, self.impl)
         drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_attention_layer_norm", **_common(cfg))(x)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_attention_layer_norm", **common)(x)
         h = Attention(cfg.num_heads, cfg.enc_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
-                      name="attention", **_common(cfg))(h, h, bias=bias, mask=mask, enable_dropout=enable_dropout)
+                      name="attention", **common)(h, h, bias=bias, mask=mask, enable_dropout=enable_dropout)
         x = x + drop(h, deterministic=not enable_dropout)
-        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **_common(cfg))(x)
-        h = GatedGeluMlp(cfg.d_ff, cfg.dropout_rate, name="mlp", **_common(cfg))(h, enable_dropout)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **common)(x)
+        h = GatedGeluMlp(cfg.d_ff, cfg.dropout_rate, name="mlp", **common)(h, enable_dropout)
         x = x + drop(h, deterministic=not enable_dropout)
         return nn.with_logical_constraint(x, _ACT)
 
 
 class DecoderLayer(nn.Module):
     config: ModelConfig
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, encoded: Array, self_bias: Array, self_mask: Array, cross_mask: Array | None,
                  enable_dropout: bool, decode: bool, decode_index: Array | None,
                  max_decode_length: int | None) -> Array:
         cfg = self.config
+        common = _with_impl(cfg, self.impl)
         drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_self_attention_layer_norm", **_common(cfg))(x)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_self_attention_layer_norm", **common)(x)
         h = Attention(cfg.num_heads, cfg.dec_self_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
-                      name="self_attention", **_common(cfg))(
+                      name="self_attention", **common)(
             h, h, bias=self_bias, mask=self_mask, enable_dropout=enable_dropout, decode=decode,
             decode_index=decode_index, max_decode_length=max_decode_length)
         x = x + drop(h, deterministic=not enable_dropout)
-        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_cross_attention_layer_norm", **_common(cfg))(x)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_cross_attention_layer_norm", **common)(x)
         h = Attention(cfg.num_heads, cfg.dec_cross_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
-                      is_cross_attention=True, name="encoder_decoder_attention", **_common(cfg))(
+                      is_cross_attention=True, name="encoder_decoder_attention", **common)(
             h, encoded, mask=cross_mask, enable_dropout=enable_dropout, decode=decode)
         x = x + drop(h, deterministic=not enable_dropout)
-        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **_common(cfg))(x)
-        h = GatedGeluMlp(cfg.d_ff, cfg.dropout_rate, name="mlp", **_common(cfg))(h, enable_dropout)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **common)(x)
+        h = GatedGeluMlp(cfg.d_ff, cfg.dropout_rate, name="mlp", **common)(h, enable_dropout)
         x = x + drop(h, deterministic=not enable_dropout)
         return nn.with_logical_constraint(x, _ACT)
 
@@ -183,6 +178,7 @@ class Encoder(nn.Module):
     config: ModelConfig
     embedder: nn.Module
     remat_policy: str = "none"
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Array | None = None, enable_dropout: bool = False) -> Array:
@@ -199,8 +195,8 @@ class Encoder(nn.Module):
         x = nn.with_logical_constraint(x, _ACT)
         layer = _layer_class(EncoderLayer, self.remat_policy, static_argnums=(4,))  # enable_dropout
         for i in range(cfg.num_encoder_layers):
-            x = layer(cfg, name=f"layers_{i}")(x, bias, mask, enable_dropout)
-        x = RMSNorm(cfg.layer_norm_epsilon, name="encoder_norm", **_common(cfg))(x)
+            x = layer(cfg, impl=self.impl, name=f"layers_{i}")(x, bias, mask, enable_dropout)
+        x = RMSNorm(cfg.layer_norm_epsilon, name="encoder_norm", **_with_impl(cfg, self.impl))(x)
         return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
 
 
@@ -208,6 +204,7 @@ class Decoder(nn.Module):
     config: ModelConfig
     embedder: nn.Module
     remat_policy: str = "none"
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, encoded: Array, encoder_tokens: Array, decoder_input_tokens: Array,
@@ -261,16 +258,17 @@ class Decoder(nn.Module):
         # enable_dropout, decode, max_decode_length; never while decoding (no backward pass, and a cache to write).
         layer = _layer_class(DecoderLayer, "none" if decode else self.remat_policy, static_argnums=(6, 7, 9))
         for i in range(cfg.num_decoder_layers):
-            x = layer(cfg, name=f"layers_{i}")(
+            x = layer(cfg, impl=self.impl, name=f"layers_{i}")(
                 x, encoded, self_bias, self_mask, cross_mask, enable_dropout, decode, decode_index,
                 max_decode_length)
-        x = RMSNorm(cfg.layer_norm_epsilon, name="decoder_norm", **_common(cfg))(x)
+        x = RMSNorm(cfg.layer_norm_epsilon, name="decoder_norm", **_with_impl(cfg, self.impl))(x)
         x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
         if cfg.logits_via_embedding:
             logits = self.embedder.attend(x) / jnp.sqrt(x.shape[-1]).astype(jnp.float32)
         else:
             logits = Dense(cfg.vocab_size, ("embed", "vocab"), _dense_init(1.0, "fan_in", "truncated_normal"),
-                           dtype=jnp.float32, param_dtype=_dtype(cfg.param_dtype), name="logits_dense")(x)
+                           dtype=jnp.float32, param_dtype=_dtype(cfg.param_dtype), impl=self.impl,
+                           name="logits_dense")(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32),
                                           ("activation_batch", "activation_length", "activation_vocab"))
 
@@ -303,17 +301,21 @@ class Transformer(nn.Module):
     """The full model. `__call__` is teacher-forced scoring; `encode` / `decode` are used by generation.
 
     remat_policy (a REMAT_POLICIES key) changes what the backward pass keeps, never values or parameters.
+    impl (attention.IMPLS; 'auto' picks by backend in attention.attention_impl) changes how attention, norms and
+    projections are computed, never parameters; values agree to rounding (tested).
     """
 
     config: ModelConfig
     remat_policy: str = "none"
+    impl: str = "auto"
 
     def setup(self) -> None:
         cfg = self.config
         check_remat_policy(self.remat_policy)
+        check_impl(self.impl)
         self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, **_common(cfg))
-        self.encoder = Encoder(cfg, self.token_embedder, self.remat_policy)
-        self.decoder = Decoder(cfg, self.token_embedder, self.remat_policy)
+        self.encoder = Encoder(cfg, self.token_embedder, self.remat_policy, impl=self.impl)
+        self.decoder = Decoder(cfg, self.token_embedder, self.remat_policy, impl=self.impl)
 
     def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
                enable_dropout: bool = False) -> Array:
