@@ -18,15 +18,15 @@ import time
 PATHS = ("reference", "xla_cpu", "dot_product_attention")
 
 
-def _loss_and_grad(cfg, impl: str, batch):
+def _loss_and_grad(cfg, impl: str):
+    """jit((params, enc, dec_in, tgt) -> (loss, grads)); the batch is an argument, not a folded constant."""
     import jax
     import jax.numpy as jnp
 
     from gqa_uptrain.model import Transformer
-    enc, dec_in, tgt = batch
     model = Transformer(cfg, impl=impl)
 
-    def loss(params):
+    def loss(params, enc, dec_in, tgt):
         logits = model.apply({"params": params}, enc, dec_in, tgt)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tgt[..., None], -1)[..., 0]
         return -jnp.sum(logp * (tgt > 0))
@@ -79,10 +79,11 @@ def bench_models(models: list[str], batch: int, inputs_length: int, targets_leng
         tgt = r.randint(2, cfg.vocab_size, size=(batch, targets_length))
         dec_in = np.concatenate([np.zeros((batch, 1), int), tgt[:, :-1]], axis=1)
         data = tuple(jax.numpy.asarray(x, jax.numpy.int32) for x in (enc, dec_in, tgt))
-        fns = {p: _loss_and_grad(cfg, p, data) for p in PATHS}
-        times = _interleaved(fns, {p: (params,) for p in PATHS}, rounds, calls)
+        fns = {p: _loss_and_grad(cfg, p) for p in PATHS}
+        times = _interleaved(fns, {p: (params, *data) for p in PATHS}, rounds, calls)
         for p in PATHS:
             rows.append({"model": size, "path": p, **_summary(times[p])})
+            print(rows[-1], flush=True)
     return rows
 
 

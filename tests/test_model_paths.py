@@ -266,15 +266,14 @@ def test_model_dropout_paths_equal_reference(tiny_config, rng):
 
 
 def _decode_all(cfg, impl, params, enc, dec_in):
-    """Prefill two tokens, then one cached step per token: logits [batch, tgt_len, vocab]."""
+    """One token per cached call (the first creates the cache): logits [batch, tgt_len, vocab]."""
     model = Transformer(cfg, impl=impl)
     encoded = model.apply({"params": params}, enc, method=model.encode)
-    logits, state = model.apply({"params": params}, encoded, enc, dec_in[:, :2], decode=True,
-                                max_decode_length=dec_in.shape[1], method=model.decode, mutable=["cache"])
-    steps = [logits]
-    for t in range(2, dec_in.shape[1]):
-        logits, state = model.apply({"params": params, "cache": state["cache"]}, encoded, enc, dec_in[:, t:t + 1],
-                                    decode=True, method=model.decode, mutable=["cache"])
+    variables, steps = {"params": params}, []
+    for t in range(dec_in.shape[1]):
+        logits, state = model.apply(variables, encoded, enc, dec_in[:, t:t + 1], decode=True, mutable=["cache"],
+                                    max_decode_length=dec_in.shape[1], method=model.decode)
+        variables = {"params": params, "cache": state["cache"]}
         steps.append(logits)
     return jnp.concatenate(steps, axis=1)
 
