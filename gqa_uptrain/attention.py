@@ -3,12 +3,19 @@
 Conventions (checked by tests):
 - Query head i belongs to key/value group i // (num_heads // num_kv_heads): contiguous groups, as HF `repeat_kv`.
 - T5 has no 1/sqrt(head_dim) in the logits; the scale lives in the query initialiser.
-- Keys and values are never repeated per query head: queries are regrouped to
-  [batch, kv_heads, heads_per_group * q_len, head_dim] and contracted against [batch, kv_heads, kv_len, head_dim].
+- Keys and values are never repeated per query head: every path contracts queries grouped as
+  [.., kv_heads, heads_per_group, ..] against K/V with kv_heads heads.
+
+Implementation paths (`impl` on the layers; chosen by `attention_impl`, the only place that decides):
+- 'reference': plain einsum attention (reference_attention), `x @ kernel`, `y * scale`; autodiff only. The
+  definition the other paths are tested against.
+- 'xla_cpu': gqa_uptrain.xla_cpu, the same maths written for XLA:CPU (custom VJPs, GEMV reductions, 2-D GEMMs).
+- 'dot_product_attention' / 'cudnn': jax.nn.dot_product_attention (GQA natively) with implementation=None (JAX's
+  choice) / 'cudnn'; no attention dropout. Dense and RMSNorm take the reference form on these paths.
 """
 from __future__ import annotations
 
-import functools
+import logging
 import math
 from typing import Callable
 
@@ -16,112 +23,76 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gqa_uptrain import xla_cpu
 from gqa_uptrain.config import ConfigError
+from gqa_uptrain.xla_cpu import BIG_NEG
 
 Array = jax.Array
-# Finite so fully-masked rows (padding queries) stay NaN-free; far below any real logit.
-BIG_NEG = -1e10
+
+IMPLS = ("auto", "reference", "xla_cpu", "dot_product_attention", "cudnn")
+_DPA_IMPLEMENTATION = {"dot_product_attention": None, "cudnn": "cudnn"}  # jax.nn.dot_product_attention(implementation=)
+_logged_choices: set[tuple] = set()
 
 
-def sum_leading_axes(x: Array, num_axes: int) -> Array:
-    """Sum over the first `num_axes` axes as a ones-vector GEMV. XLA:CPU lowers a reduction over leading
-    (non-minor) axes to a slow loop (17 ms vs 0.2 ms for [16, 131072] here); a GEMV is fast on every backend."""
-    lead = math.prod(x.shape[:num_axes])
-    ones = jnp.ones((1, lead), x.dtype)
-    return jnp.matmul(ones, x.reshape(lead, -1), precision=jax.lax.Precision.HIGHEST).reshape(x.shape[num_axes:])
+def check_impl(name: str) -> str:
+    """`name` if it is one of IMPLS, else a one-line ValueError listing them."""
+    if name not in IMPLS:
+        raise ValueError(f"unknown attention implementation {name!r}; valid: {', '.join(IMPLS)}")
+    return name
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def softmax_attention(q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None, keep: Array | None,
-                      dropout_rate: float) -> Array:
-    """dropout(softmax(where(mask, q k^T + bias, BIG_NEG))) v for each key/value group; softmax in float32.
+def attention_impl(requested: str = "auto", *, dropout: bool = False, backend: str | None = None) -> str:
+    """The implementation path the model runs: the one place it is chosen.
+
+    'auto' picks by backend (jax.default_backend() unless `backend` is given): 'xla_cpu' on cpu; elsewhere
+    'dot_product_attention', or 'reference' while attention dropout is on (dropout=True), which
+    jax.nn.dot_product_attention does not have. Any other name is taken as asked; asking for a
+    dot_product_attention path with attention dropout is a ValueError. Each distinct choice is logged once.
+    """
+    backend = backend or jax.default_backend()
+    chosen = requested
+    if check_impl(requested) == "auto":
+        chosen = "xla_cpu" if backend == "cpu" else "reference" if dropout else "dot_product_attention"
+    if dropout and chosen in _DPA_IMPLEMENTATION:
+        raise ValueError(f"attention implementation {chosen!r} has no attention dropout; use 'auto', 'reference' "
+                         "or 'xla_cpu', or set dropout_rate=0")
+    key = (requested, backend, dropout, chosen)
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        logging.info("attention implementation: %s (asked %s, backend %s, attention dropout %s)", chosen, requested,
+                     backend, "on" if dropout else "off")
+    return chosen
+
+
+def reference_attention(query: Array, key: Array, value: Array, bias: Array | None = None, mask: Array | None = None,
+                        keep: Array | None = None, dropout_rate: float = 0.0) -> Array:
+    """dropout(softmax(where(mask, q k^T + bias, BIG_NEG))) v, plainly, with autodiff; logits and softmax in float32.
 
     Args:
-      q: [b, g, r, q_len, d]: the r query heads that share key/value group g.
-      k, v: [b, g, kv_len, d].
-      bias: None or float32 [1 or b, g, r, q_len, kv_len].
-      mask: None or boolean broadcastable to [b, g, r, q_len, kv_len]; True = attend. Rows with nothing to attend
-        to get uniform weights (for logits below 512 in magnitude; the mask is added as BIG_NEG) and pass no gradient.
-      keep: None or the boolean dropout keep mask [b, g, r, q_len, kv_len]; kept weights are scaled by
+      query: [batch, q_len, num_heads, head_dim].
+      key, value: [batch, kv_len, num_kv_heads, head_dim].
+      bias: None or broadcastable to [batch, num_heads, q_len, kv_len].
+      mask: None or boolean broadcastable to [batch, num_heads, q_len, kv_len]; True = attend. Rows with nothing
+        to attend to get uniform weights.
+      keep: None or the boolean dropout keep mask [batch, num_heads, q_len, kv_len]; kept weights are scaled by
         1 / (1 - dropout_rate).
     Returns:
-      [b, g, r, q_len, d] in q.dtype.
-
-    The GEMMs see [b, g, r*q_len, ...] (plain 4-D batched matmuls, contiguous on every backend; a 5-D einsum over
-    (g, r) made XLA:CPU's backward ~2x slower). The VJP is written out because XLA:CPU's time here goes to
-    elementwise passes and reductions over the [b, g, r*q_len, kv_len] weights, and this needs fewer of them:
-    the forward applies 1/sum to the [.., d] output instead of the weights; the backward's row sum
-    sum_k(dL/dp * p) is do.o over d (as in FlashAttention) instead of a sum over kv_len, and the weights'
-    gradient is one elementwise pass.
+      [batch, q_len, num_heads, head_dim] in query.dtype.
     """
-    return _softmax_attention_fwd(q, k, v, bias, mask, keep, dropout_rate)[0]
-
-
-def _dropout_scale(keep: Array, dropout_rate: float) -> Array:
-    return jnp.where(keep, 1.0 / (1.0 - dropout_rate), 0.0)
-
-
-def _softmax_attention_fwd(q, k, v, bias, mask, keep, dropout_rate):
-    b, g, r, lq, d = q.shape
-    q4 = q.reshape(b, g, r * lq, d)
-    x = jnp.einsum("bgmd,bgkd->bgmk", q4, k, preferred_element_type=jnp.float32).reshape(b, g, r, lq, -1)
-    # The mask is added (0 / BIG_NEG) rather than selected: XLA:CPU then fuses the logits GEMM, the additive term,
-    # max and exp into one YNNPACK fusion instead of a separate select pass over [b, g, r, q_len, kv_len]. Same
-    # weights: x + BIG_NEG rounds to BIG_NEG for |x| < 512 (half its float32 ulp), and exp underflows to 0 either
-    # way. Bias and mask are summed first: YNNPACK takes the term broadcast to the full logits shape, and one
-    # such tensor (shared by the layers of a stack) is half the memory traffic of two.
-    add = None
-    if mask is not None:
-        add = jnp.where(mask, 0.0, BIG_NEG)
+    b, lq, h, d = query.shape
+    lk, g = key.shape[1], key.shape[2]
+    q = query.reshape(b, lq, g, h // g, d)  # head i = (group i // r, member i % r)
+    logits = jnp.einsum("bqgrd,bkgd->bgrqk", q, key, preferred_element_type=jnp.float32).reshape(b, h, lq, lk)
     if bias is not None:
-        add = bias if add is None else bias + add
-    if add is not None:
-        x = x + add
-    e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # unnormalised weights [b, g, r, lq, lk]
-    inv_sum = 1.0 / jnp.sum(e, axis=-1, keepdims=True)  # [b, g, r, lq, 1]
-    w = e if keep is None else e * _dropout_scale(keep, dropout_rate)
-    o = jnp.einsum("bgmk,bgkd->bgmd", w.reshape(b, g, r * lq, -1).astype(v.dtype), v,
-                   preferred_element_type=jnp.float32).reshape(b, g, r, lq, d) * inv_sum
-    # The logits' gradient is zero where masked: e is exactly 0 there, except in rows with nothing to attend to
-    # (uniform weights), which this zero factor covers. Cheaper than a select over the weights' gradient.
-    inv_sum_attending = inv_sum if mask is None else jnp.where(jnp.any(mask, -1, keepdims=True), inv_sum, 0.0)
-    return o.astype(q.dtype), (q, k, v, bias, keep, e, inv_sum, inv_sum_attending, o)
-
-
-def _contract_rows(x: Array, y: Array) -> Array:
-    """x [b, g, m, k], y [b, g, m, d] -> x^T y [b, g, k, d], computed as (y^T x)^T: XLA:CPU runs the [d, m] x [m, k]
-    product on its fast GEMM path (YNNPACK) but x^T y on a slower one (~2x, 2.9 vs 1.5 ms at [16, 8, 128, 128]
-    including the transpose to token-major that follows)."""
-    return jnp.einsum("bgdm,bgmk->bgdk", y.swapaxes(-1, -2), x).swapaxes(-1, -2)
-
-
-def _softmax_attention_bwd(dropout_rate, res, do):
-    q, k, v, bias, keep, e, inv_sum, inv_sum_attending, o = res
-    b, g, r, lq, d = q.shape
-    f32 = jnp.float32
-    do = do.astype(f32)
-    # The forward's 1/sum, applied to the [.., d] tensors: p = e * inv_sum is never formed.
-    w = e if keep is None else e * _dropout_scale(keep, dropout_rate)
-    dv = _contract_rows(w.reshape(b, g, r * lq, -1), (do * inv_sum).reshape(b, g, r * lq, d))
-    do_s = (do * inv_sum_attending).reshape(b, g, r * lq, d)
-    dw = jnp.einsum("bgmd,bgkd->bgmk", do_s, v.astype(f32)).reshape(e.shape)  # dL/dweights * inv_sum
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, BIG_NEG)
+    weights = jax.nn.softmax(logits, axis=-1)
     if keep is not None:
-        dw = dw * _dropout_scale(keep, dropout_rate)
-    row = jnp.sum(do * o, axis=-1, keepdims=True) * inv_sum_attending  # sum_k(dL/dp * p) * inv_sum
-    ds = e * (dw - row)  # = p * (dL/dp - sum_k(dL/dp * p)), the logits' gradient
-    ds4 = ds.reshape(b, g, r * lq, -1)
-    dq = jnp.einsum("bgmk,bgkd->bgmd", ds4, k.astype(f32)).reshape(q.shape)
-    dk = _contract_rows(ds4, q.reshape(b, g, r * lq, d).astype(f32))
-    if bias is None:
-        dbias = None
-    elif bias.shape[0] == 1 and b != 1:
-        dbias = sum_leading_axes(ds, 1)[None]  # a bias shared by the batch: its gradient is a batch sum
-    else:
-        dbias = ds
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, None
-
-
-softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = weights.reshape(b, g, h // g, lq, lk).astype(value.dtype)
+    out = jnp.einsum("bgrqk,bkgd->bqgrd", weights, value, preferred_element_type=jnp.float32)
+    return out.reshape(b, lq, h, d).astype(query.dtype)
 
 
 def grouped_dot_product_attention(
@@ -134,40 +105,38 @@ def grouped_dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     deterministic: bool = True,
+    impl: str = "auto",
 ) -> Array:
-    """Attention of H query heads over G shared key/value heads.
+    """Attention of H query heads over G shared key/value heads, on the path attention_impl(impl) picks.
 
     Args:
       query: [batch, q_len, num_heads, head_dim].
       key, value: [batch, kv_len, num_kv_heads, head_dim], num_heads % num_kv_heads == 0.
       bias: additive, broadcastable to [batch, num_heads, q_len, kv_len] (relative position bias).
-      mask: boolean, broadcastable to [batch, 1 or num_heads, q_len, kv_len]; True = attend.
+      mask: boolean, [batch, 1 or num_heads, q_len, kv_len]; True = attend.
     Returns:
       [batch, q_len, num_heads, head_dim] in query.dtype.
+
+    The dropout keep mask is drawn here, the same way for every path, so the paths agree under dropout too.
     """
     b, lq, h, d = query.shape
-    g = key.shape[2]
+    g, lk = key.shape[2], key.shape[1]
     if key.shape[-1] != d or value.shape != key.shape:
         raise ValueError(f"key/value shapes {key.shape}/{value.shape} do not match query head_dim {d}")
     if h % g:
         raise ConfigError(f"num_heads={h} is not divisible by num_kv_heads={g}")
-    r = h // g
-    lk = key.shape[1]
-    # Heads-major: query head i = (group i // r, member i % r), contiguous groups as HF's repeat_kv.
-    q = query.reshape(b, lq, g, r, d).transpose(0, 2, 3, 1, 4)
-    k = key.transpose(0, 2, 1, 3)
-    v = value.transpose(0, 2, 1, 3)
-    if bias is not None:
-        bias = jnp.broadcast_to(bias, (bias.shape[0], h, lq, lk)).reshape(bias.shape[0], g, r, lq, lk)
-        bias = bias.astype(jnp.float32)
-    if mask is not None:
-        mh = mask.shape[1]
-        mask = mask.reshape(mask.shape[0], g if mh == h else 1, r if mh == h else 1, lq, lk)
+    dropout = not deterministic and dropout_rate > 0.0
+    chosen = attention_impl(impl, dropout=dropout)
     keep = None
-    if not deterministic and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, g, r, lq, lk))
-    out = softmax_attention(q, k, v, bias, mask, keep, dropout_rate)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+    if dropout:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, g, h // g, lq, lk)).reshape(b, h, lq, lk)
+    if chosen == "xla_cpu":
+        return xla_cpu.grouped_attention(query, key, value, bias, mask, keep, dropout_rate)
+    if chosen == "reference":
+        return reference_attention(query, key, value, bias, mask, keep, dropout_rate)
+    # T5's logits are unscaled (scale=1); bias is added before the mask, as in the other paths.
+    return jax.nn.dot_product_attention(query, key, value, bias, mask, scale=1.0,
+                                        implementation=_DPA_IMPLEMENTATION[chosen])
 
 
 def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,
@@ -196,21 +165,26 @@ def _dense_init(scale: float, mode: str, distribution: str) -> Callable:
 
 
 class Dense(nn.Module):
-    """y = x @ kernel with a 2-D kernel [in, out] (the T5X checkpoint layout) and logical axis names."""
+    """y = x @ kernel with a 2-D kernel [in, out] (the T5X checkpoint layout) and logical axis names.
+
+    impl: see attention_impl; 'xla_cpu' flattens the leading dims (xla_cpu.flat_matmul), same values.
+    """
 
     features: int
     kernel_axes: tuple[str, str]
     kernel_init: Callable = _dense_init(1.0, "fan_in", "truncated_normal")
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                             (x.shape[-1], self.features), self.param_dtype)
-        # Flatten leading dims: a 2-D GEMM keeps XLA:CPU's weight-gradient contraction a single fast GEMM too.
-        y = x.astype(self.dtype).reshape(-1, x.shape[-1]) @ jnp.asarray(kernel, self.dtype)
-        return y.reshape(*x.shape[:-1], self.features)
+        x, kernel = x.astype(self.dtype), jnp.asarray(kernel, self.dtype)
+        if attention_impl(self.impl) == "xla_cpu":
+            return xla_cpu.flat_matmul(x, kernel)
+        return x @ kernel
 
 
 class RelativePositionBiases(nn.Module):
@@ -261,6 +235,7 @@ class Attention(nn.Module):
     is_cross_attention: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"  # see attention_impl
 
     @nn.compact
     def __call__(
@@ -289,7 +264,7 @@ class Attention(nn.Module):
         def query_init(key, shape, dtype=jnp.float32):
             return base(key, shape, dtype) / depth_scaling
 
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl)
         query = Dense(self.num_heads * self.head_dim, ("embed", "joined_kv"), query_init, name="query", **common)
         kv_axes = ("embed", "joined_grouped_kv")
         key = Dense(self.num_kv_heads * self.head_dim, kv_axes, base, name="key", **common)
@@ -329,5 +304,6 @@ class Attention(nn.Module):
             k, v = project_kv(inputs_kv)
         dropout_rng = self.make_rng("dropout") if enable_dropout and self.dropout_rate > 0 else None
         y = grouped_dot_product_attention(q, k, v, bias, mask, dropout_rate=self.dropout_rate,
-                                          dropout_rng=dropout_rng, deterministic=not enable_dropout)
+                                          dropout_rng=dropout_rng, deterministic=not enable_dropout,
+                                          impl=self.impl)
         return out(y.reshape(b, lq, self.num_heads * self.head_dim))

@@ -37,7 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gqa_uptrain.attention import Attention, Dense, RelativePositionBiases, _dense_init, sum_leading_axes
+from gqa_uptrain import xla_cpu
+from gqa_uptrain.attention import Attention, Dense, RelativePositionBiases, _dense_init, attention_impl, check_impl
 from gqa_uptrain.config import ModelConfig
 
 Array = jax.Array
@@ -77,31 +78,13 @@ def _layer_class(layer: type[nn.Module], remat_policy: str, static_argnums: tupl
     return nn.remat(layer, policy=REMAT_POLICIES[remat_policy], static_argnums=static_argnums)
 
 
-@jax.custom_vjp
-def _scale_features(y: Array, scale: Array) -> Array:
-    """y [..., d] * scale [d]; the scale gradient is a sum over all leading axes, done as a GEMV (see
-    attention.sum_leading_axes for why)."""
-    return y * scale
-
-
-def _scale_features_fwd(y, scale):
-    return y * scale, (y, scale)
-
-
-def _scale_features_bwd(res, g):
-    y, scale = res
-    return g * scale, sum_leading_axes(g * y, g.ndim - 1)
-
-
-_scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
-
-
 class RMSNorm(nn.Module):
-    """T5 layer norm: no mean subtraction, no bias; statistics in float32."""
+    """T5 layer norm: no mean subtraction, no bias; statistics in float32. impl: see attention.attention_impl."""
 
     epsilon: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -109,7 +92,9 @@ class RMSNorm(nn.Module):
                            (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-        return _scale_features(y, jnp.asarray(scale, jnp.float32)).astype(self.dtype)
+        scale = jnp.asarray(scale, jnp.float32)
+        y = xla_cpu.scale_features(y, scale) if attention_impl(self.impl) == "xla_cpu" else y * scale
+        return y.astype(self.dtype)
 
 
 class GatedGeluMlp(nn.Module):
@@ -119,11 +104,12 @@ class GatedGeluMlp(nn.Module):
     dropout_rate: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"  # see attention.attention_impl
 
     @nn.compact
     def __call__(self, x: Array, enable_dropout: bool) -> Array:
         init = _dense_init(1.0, "fan_in", "truncated_normal")
-        kw = dict(kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl)
         h = nn.gelu(Dense(self.d_ff, ("embed", "mlp"), name="wi_0", **kw)(x), approximate=True)
         h = h * Dense(self.d_ff, ("embed", "mlp"), name="wi_1", **kw)(x)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
@@ -135,45 +121,54 @@ def _common(cfg: ModelConfig) -> dict:
     return dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
 
 
+def _with_impl(cfg: ModelConfig, impl: str) -> dict:
+    """_common plus the implementation path, for the modules that have one (norms, attention, MLP)."""
+    return dict(_common(cfg), impl=impl)
+
+
 class EncoderLayer(nn.Module):
     config: ModelConfig
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, bias: Array, mask: Array, enable_dropout: bool) -> Array:
         cfg = self.config
+        common = _with_impl(cfg, self.impl)
         drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_attention_layer_norm", **_common(cfg))(x)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_attention_layer_norm", **common)(x)
         h = Attention(cfg.num_heads, cfg.encoder_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
-                      name="attention", **_common(cfg))(h, h, bias=bias, mask=mask, enable_dropout=enable_dropout)
+                      name="attention", **common)(h, h, bias=bias, mask=mask, enable_dropout=enable_dropout)
         x = x + drop(h, deterministic=not enable_dropout)
-        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **_common(cfg))(x)
-        h = GatedGeluMlp(cfg.d_ff, cfg.dropout_rate, name="mlp", **_common(cfg))(h, enable_dropout)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **common)(x)
+        h = GatedGeluMlp(cfg.d_ff, cfg.dropout_rate, name="mlp", **common)(h, enable_dropout)
         x = x + drop(h, deterministic=not enable_dropout)
         return nn.with_logical_constraint(x, _ACT)
 
 
 class DecoderLayer(nn.Module):
     config: ModelConfig
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, encoded: Array, self_bias: Array, self_mask: Array, cross_mask: Array | None,
                  enable_dropout: bool, decode: bool, decode_index: Array | None,
                  max_decode_length: int | None) -> Array:
         cfg = self.config
+        common = _with_impl(cfg, self.impl)
         drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_self_attention_layer_norm", **_common(cfg))(x)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_self_attention_layer_norm", **common)(x)
         h = Attention(cfg.num_heads, cfg.decoder_self_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
-                      name="self_attention", **_common(cfg))(
+                      name="self_attention", **common)(
             h, h, bias=self_bias, mask=self_mask, enable_dropout=enable_dropout, decode=decode,
             decode_index=decode_index, max_decode_length=max_decode_length)
         x = x + drop(h, deterministic=not enable_dropout)
-        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_cross_attention_layer_norm", **_common(cfg))(x)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_cross_attention_layer_norm", **common)(x)
         h = Attention(cfg.num_heads, cfg.decoder_cross_kv_heads, cfg.head_dim, cfg.d_model, cfg.dropout_rate,
-                      is_cross_attention=True, name="encoder_decoder_attention", **_common(cfg))(
+                      is_cross_attention=True, name="encoder_decoder_attention", **common)(
             h, encoded, mask=cross_mask, enable_dropout=enable_dropout, decode=decode)
         x = x + drop(h, deterministic=not enable_dropout)
-        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **_common(cfg))(x)
-        h = GatedGeluMlp(cfg.d_ff, cfg.dropout_rate, name="mlp", **_common(cfg))(h, enable_dropout)
+        h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **common)(x)
+        h = GatedGeluMlp(cfg.d_ff, cfg.dropout_rate, name="mlp", **common)(h, enable_dropout)
         x = x + drop(h, deterministic=not enable_dropout)
         return nn.with_logical_constraint(x, _ACT)
 
@@ -188,11 +183,12 @@ class _ScanBody(nn.Module):
     config: ModelConfig
     array_names: tuple[str, ...]  # the layer's keyword names for *args
     static_kwargs: tuple[tuple[str, object], ...]
+    impl: str = "auto"  # see attention.attention_impl
 
     @nn.compact
     def __call__(self, x: Array, *args: Array | None) -> tuple[Array, None]:
         kwargs = dict(zip(self.array_names, args), **dict(self.static_kwargs))
-        return self.layer(self.config, name="layer")(x, **kwargs), None
+        return self.layer(self.config, impl=self.impl, name="layer")(x, **kwargs), None
 
 
 # Name of the scanned stack inside the model ({encoder,decoder}/layers/layer/..., leading axis = layer); the
@@ -201,7 +197,8 @@ SCANNED = "layers"
 
 
 def _scanned_stack(layer: type[nn.Module], cfg: ModelConfig, remat_policy: str, num_layers: int,
-                   array_names: tuple[str, ...], static_kwargs: tuple[tuple[str, object], ...]) -> nn.Module:
+                   array_names: tuple[str, ...], static_kwargs: tuple[tuple[str, object], ...],
+                   impl: str = "auto") -> nn.Module:
     """`num_layers` copies of `layer` as one nn.scan (nn.remat inside it when a policy is set). Parameters and the
     decode cache get a leading [layers] axis, logical name 'layers' (never sharded: each device runs every layer);
     every layer draws its own params/dropout rngs. Called as (x, *arrays) (the arrays named by `array_names`), it
@@ -211,7 +208,7 @@ def _scanned_stack(layer: type[nn.Module], cfg: ModelConfig, remat_policy: str, 
         body = nn.remat(_ScanBody, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=nn.broadcast, length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    return scanned(layer, cfg, array_names, static_kwargs, name=SCANNED)
+    return scanned(layer, cfg, array_names, static_kwargs, impl, name=SCANNED)
 
 
 def _pair_mask(q_valid: Array, k_valid: Array, q_segments: Array | None = None,
@@ -227,6 +224,7 @@ class Encoder(nn.Module):
     config: ModelConfig
     embedder: nn.Module
     remat_policy: str = "none"
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Array | None = None, enable_dropout: bool = False) -> Array:
@@ -243,12 +241,12 @@ class Encoder(nn.Module):
         x = nn.with_logical_constraint(x, _ACT)
         if cfg.scan_layers:
             x = _scanned_stack(EncoderLayer, cfg, self.remat_policy, cfg.num_encoder_layers, ("bias", "mask"),
-                               (("enable_dropout", enable_dropout),))(x, bias, mask)[0]
+                               (("enable_dropout", enable_dropout),), self.impl)(x, bias, mask)[0]
         else:
             layer = _layer_class(EncoderLayer, self.remat_policy, static_argnums=(4,))  # enable_dropout
             for i in range(cfg.num_encoder_layers):
-                x = layer(cfg, name=f"layers_{i}")(x, bias, mask, enable_dropout)
-        x = RMSNorm(cfg.layer_norm_epsilon, name="encoder_norm", **_common(cfg))(x)
+                x = layer(cfg, impl=self.impl, name=f"layers_{i}")(x, bias, mask, enable_dropout)
+        x = RMSNorm(cfg.layer_norm_epsilon, name="encoder_norm", **_with_impl(cfg, self.impl))(x)
         return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
 
 
@@ -256,6 +254,7 @@ class Decoder(nn.Module):
     config: ModelConfig
     embedder: nn.Module
     remat_policy: str = "none"
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, encoded: Array, encoder_tokens: Array, decoder_input_tokens: Array,
@@ -312,22 +311,23 @@ class Decoder(nn.Module):
             x = _scanned_stack(DecoderLayer, cfg, remat_policy, cfg.num_decoder_layers,
                                ("encoded", "self_bias", "self_mask", "cross_mask", "decode_index"),
                                (("enable_dropout", enable_dropout), ("decode", decode),
-                                ("max_decode_length", max_decode_length)))(
+                                ("max_decode_length", max_decode_length)), self.impl)(
                 x, encoded, self_bias, self_mask, cross_mask, decode_index)[0]
         else:
             # enable_dropout, decode, max_decode_length are static under remat.
             layer = _layer_class(DecoderLayer, remat_policy, static_argnums=(6, 7, 9))
             for i in range(cfg.num_decoder_layers):
-                x = layer(cfg, name=f"layers_{i}")(
+                x = layer(cfg, impl=self.impl, name=f"layers_{i}")(
                     x, encoded, self_bias, self_mask, cross_mask, enable_dropout, decode, decode_index,
                     max_decode_length)
-        x = RMSNorm(cfg.layer_norm_epsilon, name="decoder_norm", **_common(cfg))(x)
+        x = RMSNorm(cfg.layer_norm_epsilon, name="decoder_norm", **_with_impl(cfg, self.impl))(x)
         x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
         if cfg.logits_via_embedding:
             logits = self.embedder.attend(x) / jnp.sqrt(x.shape[-1]).astype(jnp.float32)
         else:
             logits = Dense(cfg.vocab_size, ("embed", "vocab"), _dense_init(1.0, "fan_in", "truncated_normal"),
-                           dtype=jnp.float32, param_dtype=_dtype(cfg.param_dtype), name="logits_dense")(x)
+                           dtype=jnp.float32, param_dtype=_dtype(cfg.param_dtype), impl=self.impl,
+                           name="logits_dense")(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32),
                                           ("activation_batch", "activation_length", "activation_vocab"))
 
@@ -363,17 +363,21 @@ class TransformerModule(nn.Module):
     used by generation.
 
     remat_policy (a REMAT_POLICIES key) changes what the backward pass keeps, never values or parameters.
+    impl (attention.IMPLS; 'auto' picks by backend in attention.attention_impl) changes how attention, norms and
+    projections are computed, never parameters; values agree to rounding (tested).
     """
 
     config: ModelConfig
     remat_policy: str = "none"
+    impl: str = "auto"
 
     def setup(self) -> None:
         cfg = self.config
         check_remat_policy(self.remat_policy)
+        check_impl(self.impl)
         self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, **_common(cfg))
-        self.encoder = Encoder(cfg, self.token_embedder, self.remat_policy)
-        self.decoder = Decoder(cfg, self.token_embedder, self.remat_policy)
+        self.encoder = Encoder(cfg, self.token_embedder, self.remat_policy, impl=self.impl)
+        self.decoder = Decoder(cfg, self.token_embedder, self.remat_policy, impl=self.impl)
 
     def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
                enable_dropout: bool = False) -> Array:
@@ -481,11 +485,11 @@ _ScannedTransformerModule = nn.map_variables(
     methods=["__call__", "encode", "decode"])
 
 
-def Transformer(config: ModelConfig, remat_policy: str = "none") -> TransformerModule:  # noqa: N802 (a class to callers)
+def Transformer(config: ModelConfig, remat_policy: str = "none", impl: str = "auto") -> TransformerModule:  # noqa: N802
     """The model for `config`: parameters are always in the T5X per-layer layout (layers_{i}); with
     config.scan_layers the stacks run as nn.scan on a stacked view of them (see ModelConfig.scan_layers)."""
     cls = _ScannedTransformerModule if config.scan_layers else TransformerModule
-    return cls(config, remat_policy)
+    return cls(config, remat_policy, impl=impl)
 
 
 

@@ -13,6 +13,7 @@ from gqa_uptrain import train as train_lib
 from gqa_uptrain.config import ConfigError
 from gqa_uptrain.model import Transformer, abstract_params, init_params, stack_layers, unstack_layers
 from gqa_uptrain.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from gqa_uptrain.seq2seq import EncoderDecoderModel
 
 from test_remat import _batch
 
@@ -85,7 +86,7 @@ def test_outputs_and_gradients_equal_unrolled(gqa, rng, policy):
 
     def loss(cfg):
         def f(p):
-            sums = train_lib._loss_sums(cfg, p, batch, None, 1e-4, policy)
+            sums = EncoderDecoderModel(cfg, z_loss=1e-4, remat_policy=policy).loss_sums(p, batch)
             return sums["cross_entropy"] + sums["z_loss"]
         return jax.jit(jax.value_and_grad(f))
 
@@ -110,8 +111,8 @@ def test_dropout_runs_under_scan(gqa, rng):
     a, b = run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(2))
     c = model.apply({"params": params}, enc, dec)
     assert not np.allclose(a, b) and not np.allclose(a, c)
-    grads = jax.grad(lambda p: train_lib._loss_sums(cfg, p, batch, jax.random.PRNGKey(3), 0.0,
-                                                    "full")["cross_entropy"])(params)
+    grads = jax.grad(lambda p: EncoderDecoderModel(cfg, remat_policy="full").loss_sums(
+        p, batch, jax.random.PRNGKey(3))["cross_entropy"])(params)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
