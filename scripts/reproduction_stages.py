@@ -168,9 +168,8 @@ def finetune(root: pathlib.Path, models: list[str], seeds: list[int], alpha: flo
                 f"--gin.MODEL_DIR={d / 'train'}", f"--gin.TRAIN_STEPS={steps}", f"--gin.SEED={seed}",
                 f"--gin.BATCH_SIZE={batch}", "--gin.INPUTS_LENGTH=64", "--gin.TARGETS_LENGTH=32",
                 f"--gin.SAVE_EVERY={steps}", "--gin.EVAL_EVERY=1000000",
-                # The gloss task's JSONL reader is a tf.py_function, whose iterator TF cannot serialise
-                # ("EagerPyFunc is stateful"); one checkpoint at the end needs no data state anyway.
-                "--gin.CHECKPOINT_DATASET=False", "--no_progress", *extra],
+                # finetune.gin's own CHECKPOINT_DATASET (False: the gloss task's reader cannot be checkpointed).
+                "--no_progress", *extra],
                 d / "train.done", d / "train.log")
             ev = Stage("eval", cli + [
                 "eval", "--checkpoint", str(d / "train"), "--task", "gqa_wordnet_gloss", "--metrics",
