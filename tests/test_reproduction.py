@@ -185,7 +185,7 @@ SweepConfig.train_bindings = ('--gin.BATCH_SIZE=2', '--gin.INPUTS_LENGTH=32', '-
 """
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_reproduce_paper_toy_end_to_end(tmp_path):
     """Every stage of scripts/reproduce_paper.sh at toy size: pre-training with periodic eval and checkpoints,
     the length pick, groups -> methods -> alpha with reuse, fine-tuning, the restart slot, the report. About 20
