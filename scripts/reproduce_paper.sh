@@ -13,8 +13,11 @@
 #   finetune   MHA control, GQA-2 and MQA (mean, svd) uptrained at FT_ALPHA, fine-tuned on gqa_wordnet_gloss
 #              (constant LR 1e-3, dropout 0.1), ROUGE/BLEU with greedy decoding, SEEDS
 #   restart    optimiser restart arms (warm-up, carried state) of the groups sweep; each runs only when its feature
-#              exists (OptimizerConfig.restart_warmup_steps; `convert --carry-optimizer-state`)
-#   report     docs/reproduction.md (REPORT_OUT) from all of the above
+#              exists (OptimizerConfig.restart_warmup_steps; `convert --carry-optimizer-state`); then `continued`
+#   report     `continued` (below), then docs/reproduction.md (REPORT_OUT) from whatever stages have run
+#   (continued: the original run itself continued to N + α·N, i.e. its saved pre-training checkpoints, scored with
+#   the sweeps' eval command, so the control's drift is measured against a model that had no optimiser restart;
+#   ROOT/continued, resumable, a few evals)
 # Every sweep evaluates each model on the validation split and on the second held-out set (split python_docs).
 # Later sweeps reuse finished runs of earlier ones with the same model inputs (`gqa-uptrain sweep --reuse`).
 #
@@ -143,7 +146,16 @@ sys.exit('restart_warmup_steps' not in {f.name for f in dataclasses.fields(Optim
   fi
 fi
 
+# The original continued for the same steps as uptraining (reference for the restart shock); needs a sweep.
+continued() {
+  if [ -f "$SRC/original.json" ] && compgen -G "$ROOT/*/sweep.json" >/dev/null; then
+    timed continued "$PY" scripts/reproduction_stages.py continued "$ROOT" --original "$ORIGINAL"
+  fi
+}
+has_stage restart && continued
+
 if has_stage report; then
+  continued
   "$PY" scripts/reproduction_report.py "$ROOT" --out "$REPORT_OUT" --original "$ORIGINAL" \
     ${OTHER_ROOT:+--other_root "$OTHER_ROOT"}
 fi

@@ -4,7 +4,8 @@
 Every number and every "holds / does not hold" below is computed from the results under ROOT; nothing is typed
 in, and the setup (seeds, machine, lengths, batch sizes) is read from the runs. A difference between two settings
 is called real only when it exceeds the sum of their sample standard deviations over seeds; otherwise it is
-reported as within the spread (≈). Sections whose stage has not run are left out.
+reported as within the spread (≈). A part whose stage has not run says so in one line with the command that
+runs it. The report only reads ROOT and the original (it writes --out and the plots and CSVs beside it).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from reproduction_stages import eval_curve, pick_length, saved_steps, slope_per_1k  # noqa: E402
+from reproduction_stages import (eval_curve, pick_length, saved_steps, slope_per_1k,  # noqa: E402
+                                 uptrain_steps)
 
 from gqa_uptrain import sweep  # noqa: E402
 
@@ -46,12 +48,43 @@ class Sweep:
 
 
 def load_sweep(root: pathlib.Path, name: str) -> Sweep | None:
+    """The finished runs of ROOT/<name> (read only: `sweep.collect_rows`, not `aggregate`, which writes results
+    files into the sweep); None when that stage has not started."""
     d = root / name
     if not (d / "sweep.json").exists():
         return None
-    rows = sweep.aggregate(d, VAL)
+    rows = sweep.collect_rows(d)
     cfg, spec = sweep._read_spec(d)
     return Sweep(name, d, rows, spec["num_heads"], spec["original_steps"], cfg)
+
+
+# ----------------------------------------------------------------------------------- stages not (yet) run
+
+@dataclasses.dataclass
+class Context:
+    """What a re-run command needs: ROOT, the original's MODEL_DIR, the step the sweeps start from (passed as
+    ORIGINAL_STEPS so the original stage agrees with ROOT/mha_original whatever the length rule says), the seeds."""
+    root: pathlib.Path
+    original: pathlib.Path | None
+    original_steps: int | None
+    seeds: list[int]
+
+    def command(self, stages: str, **env: str) -> str:
+        """The scripts/reproduce_paper.sh call that runs `stages` (then the report) on this ROOT."""
+        parts = [f"ORIGINAL={self.original or '<pre-training MODEL_DIR>'}"]
+        if self.original_steps is not None:
+            parts.append(f"ORIGINAL_STEPS={self.original_steps}")
+        if self.seeds:
+            parts.append(f'SEEDS="{" ".join(map(str, self.seeds))}"')
+        parts += [f"{k}={v}" for k, v in env.items()]
+        parts.append(f'STAGES="{stages} report"')
+        return " ".join(parts) + f" scripts/reproduce_paper.sh {self.root.absolute()}"
+
+
+def not_run(what: str, stage: str, why: str, ctx: Context, **env: str) -> str:
+    """The one line a part whose stage has not run gets instead of its results."""
+    return (f"*Not in this report: {what}. The `{stage}` stage has not run ({why}); run it with "
+            f"`{ctx.command(stage, **env)}`.*")
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -161,7 +194,7 @@ def setup_section(root: pathlib.Path, original: pathlib.Path | None, sweeps: lis
                  f"(batch {pre.get('batch_size', '?')}, "
                  f"inputs {pre.get('inputs_length', '?')} / targets {pre.get('targets_length', '?')} tokens, "
                  f"Adafactor, rsqrt schedule); step {prov.get('step', '?')} of a run of "
-                 f"{pre.get('resolved_train_steps', '?')} steps is the original (length chosen below).")
+                 f"{_run_length(original, pre)} steps is the original (length chosen below).")
     L.append("- **Conversion:** decoder self- and cross-attention to G KV heads; encoder stays MHA (the paper's "
              "setup).")
     if up:
@@ -181,6 +214,12 @@ def setup_section(root: pathlib.Path, original: pathlib.Path | None, sweeps: lis
     return L
 
 
+def _run_length(original: pathlib.Path | None, pre: dict) -> int | str:
+    """The pre-training run's last saved step (its train_config's length is stale when it was resumed longer)."""
+    steps = saved_steps(original) if original is not None else []
+    return steps[-1] if steps else pre.get("resolved_train_steps", "?")
+
+
 def _first_train_config(sweeps: list[Sweep]) -> dict:
     for sw in sweeps:
         for p in sorted((sw.root / "runs").glob("*/train/train_config.json")):
@@ -196,48 +235,91 @@ def _eval_examples(sweeps: list[Sweep]) -> str:
     return "/".join(str(n) for n in sorted(x for x in ns if x is not None)) or "?"
 
 
-def pretrain_section(original: pathlib.Path | None, root: pathlib.Path, assets: pathlib.Path,
-                     written: list) -> list[str]:
-    if original is None or not (original / "metrics.jsonl").exists():
-        return []
+def slope_before(curve: list[tuple[int, float]], end: int, window: int) -> float | None:
+    """Least-squares slope of the loss over [end - window, end] in nats per 1000 steps (None if not covered)."""
+    pts = [(st, v) for st, v in curve if st <= end]
+    return slope_per_1k(pts, end - window, window) if pts and pts[-1][0] == end else None
+
+
+def fmt_slope(x: float | None) -> str:
+    return "–" if x is None else f"{x:+.4f}"
+
+
+def pretrain_section(original: pathlib.Path | None, root: pathlib.Path, assets: pathlib.Path, written: list,
+                     ctx: Context) -> list[str]:
+    """The original's validation curve, the length rule's choice (ROOT/length.json), the step actually used
+    (ROOT/mha_original/original.json) and, when they differ or the curve never flattened, the slopes that say how
+    far from flat the original is."""
+    head = ["", "## Length of the original (pre-training curve)", ""]
+    prov_path = root / "mha_original" / "original.json"
+    if not prov_path.exists():
+        return head + [not_run("the original's length and curve", "original",
+                               f"no {prov_path.relative_to(root)}", ctx)]
+    used = int(json.loads(prov_path.read_text())["step"])
+    if original is None or not (original / "metrics.jsonl").exists() or not eval_curve(original):
+        return head + [f"The sweeps start from step {used} of `{original}`, whose validation curve "
+                       "(metrics.jsonl with periodic eval) is not readable here, so the length cannot be checked."]
     curve = eval_curve(original)
-    if not curve:
-        return []
-    choice_path = root / "length.json"
-    rule = json.loads(choice_path.read_text()) if choice_path.exists() else {}
+    rule = json.loads((root / "length.json").read_text()) if (root / "length.json").exists() else {}
     flat, window = rule.get("flat", 0.02), rule.get("window", 1000)
-    choice = pick_length(curve, saved_steps(original), flat, window)
-    used = json.loads((root / "mha_original" / "original.json").read_text())["step"] \
-        if (root / "mha_original" / "original.json").exists() else None
+    if "step" not in rule:  # length.json missing (older runs): apply the rule here
+        rule = {**pick_length(curve, saved_steps(original), flat, window), **rule}
+    picked, flattened = int(rule["step"]), bool(rule["flattened"])
+    losses = dict(curve)
+    last = curve[-1][0]
+    at_used, at_end = slope_per_1k(curve, used, window), slope_before(curve, last, window)
+    before_used = slope_before(curve, used, window)
+    pre = json.loads((original / "train_config.json").read_text()) if (original / "train_config.json").exists() \
+        else {}
+    opt = pre.get("optimizer", {})
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([s for s, _ in curve], [v for _, v in curve], "o-", ms=3, label="validation loss")
-    if used is not None:
-        ax.axvline(used, color="red", ls="--", lw=1, label=f"original used: step {used}")
+    ax.plot([st for st, _ in curve], [v for _, v in curve], "o-", ms=2, label="validation loss (trainer's eval)")
+    ax.axvline(used, color="red", ls="--", lw=1, label=f"original used: step {used}")
+    if picked != used:
+        ax.axvline(picked, color="grey", ls=":", lw=1, label=f"length rule's choice: step {picked}")
     ax.set(xlabel="pre-training step", ylabel=AXIS[VAL], title="pre-training curve of the original")
-    ax.legend()
+    ax.legend(fontsize=7)
     save(fig, assets / "pretrain_curve.png", written)
-    L = ["", "## Length of the original (pre-training curve)", "",
-         f"Validation loss every {curve[1][0] - curve[0][0] if len(curve) > 1 else '?'} steps up to step "
-         f"{curve[-1][0]} ({curve[0][1]:.4f} at step {curve[0][0]}, {curve[-1][1]:.4f} at step {curve[-1][0]}). "
-         f"Rule: the first saved step whose next {window} steps improve the loss by less than {flat:g} nats per 1000 "
-         "steps (least-squares slope over the window). The schedule is rsqrt with 10k warm-up, i.e. a constant "
-         "learning rate up to step 10,000, so a checkpoint at step N of this run is what a run of length N gives.",
-         "", "| saved step | loss | slope over the next window (nats / 1000 steps) |", "|---|---|---|"]
-    losses = dict(curve)
-    for s in saved_steps(original):
-        sl = slope_per_1k(curve, s, window)
-        L.append(f"| {s} | {losses[s]:.4f} | {'–' if sl is None else f'{sl:+.4f}'} |" if s in losses else
-                 f"| {s} | – | – |")
-    if choice["flattened"]:
-        L.append(f"\nThe loss flattens at step {choice['step']} (slope {choice['slopes'][str(choice['step'])]:+.4f} "
-                 f"> −{flat:g}).")
+    step_ev = curve[1][0] - curve[0][0] if len(curve) > 1 else None
+    L = head + [
+        f"Validation loss of the pre-training run `{original}` from the trainer's periodic eval (metrics.jsonl"
+        + (f", every {step_ev} steps" if step_ev else "")
+        + (f", {pre['eval_examples']} examples" if pre.get("eval_examples") else "") + "; not the sweeps' eval "
+        f"command, so its values are not on the sweeps' scale) up to step {last}: "
+        f"{curve[0][1]:.4f} at step {curve[0][0]}, {losses.get(used, float('nan')):.4f} at step {used}, "
+        f"{curve[-1][1]:.4f} at step {last}. Rule: the first saved step whose next {window} steps improve the loss by "
+        f"less than {flat:g} nats per 1000 steps (least-squares slope over the window)."]
+    if opt.get("schedule") == "rsqrt":
+        w = opt.get("warmup_steps", 0)
+        L.append(f"The schedule is rsqrt with {w} warm-up steps (learning rate constant up to step {w}, then "
+                 "∝ 1/√step) and does not depend on the run's length, so the checkpoint at step N of this run is what "
+                 f"a run of length N gives; at the step used ({used}) the learning rate "
+                 + ("has not started to decay." if used < w else "has just started to decay." if used == w else
+                    f"has decayed by {1 - (w / used) ** 0.5:.0%}.") + " Uptraining continues the schedule from there.")
+    L.append("")
+    if flattened:
+        L.append(f"**The loss flattens by this rule at step {picked}** (slope over the next {window} steps "
+                 f"{fmt_slope(rule['slopes'].get(str(picked)) if rule.get('slopes') else None)} nats / 1000 steps).")
     else:
-        L.append(f"\nThe loss has not flattened by this rule within the run: the last saved step "
-                 f"{choice['step']} is the longest original available.")
-    if used is not None:
-        L.append(f"The sweeps use step {used}" + (" (the rule's choice)." if used == choice["step"] else
-                                                  f", set by ORIGINAL_STEPS instead of the rule's {choice['step']}."))
+        L.append(f"**The loss never flattens by this rule within the run** (no saved step's next {window} steps "
+                 f"improve by less than {flat:g} nats / 1000 steps); the rule falls back to the last saved step, "
+                 f"{picked}.")
+    if used == picked:
+        L.append(f"The sweeps use step {used} (the rule's choice).")
+    else:
+        L.append(f"**The sweeps use step {used}, set by ORIGINAL_STEPS instead of the rule's {picked}.**")
+    if used != picked or not flattened:
+        L.append(f"At the step used the loss is still falling: slope {fmt_slope(before_used)} nats / 1000 steps over "
+                 f"the {window} steps before it, {fmt_slope(at_used)} over the {window} after it; at the end of the "
+                 f"curve (steps {last - window}–{last}) {fmt_slope(at_end)}. The original is therefore not a "
+                 "converged model, and part of any change during uptraining is the pre-training that was still "
+                 "going on (the continued-original reference in the optimiser-restart part measures exactly that).")
+    L += ["", "| saved step | loss | slope over the next window (nats / 1000 steps) |", "|---|---|---|"]
+    for st in saved_steps(original):
+        mark = " **(used)**" if st == used else " (rule)" if st == picked else ""
+        L.append(f"| {st}{mark} | " + (f"{losses[st]:.4f}" if st in losses else "–")
+                 + f" | {fmt_slope(slope_per_1k(curve, st, window))} |")
     L.append("\n![pre-training curve](reproduction/pretrain_curve.png)")
     return L
 
@@ -296,8 +378,9 @@ def findings(g: Sweep | None, m: Sweep | None) -> list[str]:
         if (h, "mean", 0.0) in s and (h, "mean", top) in s:
             c0, c1 = s[(h, "mean", 0.0)], s[(h, "mean", top)]
             L.append(f"- **The MHA control moves:** {c1['mean'] - c0['mean']:+.4f} from α=0 to α={top:g} "
-                     f"({'real' if compare(c1, c0) != '≈' else 'within the spread'}; optimiser restart on a trained "
-                     "model), which is why every gap is taken against the control at the same α.")
+                     f"({'real' if compare(c1, c0) != '≈' else 'within the spread'}), which is why every gap is "
+                     "taken against the control at the same α; part 1 separates the optimiser restart from the "
+                     "pre-training the original would have done in those steps anyway.")
         bench = {kv: sweep.read_bench(g.root, kv).get("incremental_step_s") for kv in kinds}
         if gqa and all(bench.values()):
             frac = (bench[h] - bench[gqa[0]]) / max(bench[h] - bench[1], 1e-12)
@@ -330,7 +413,7 @@ def alpha_section(al: Sweep, assets: pathlib.Path, written: list) -> list[str]:
     alphas = sorted({k[2] for k in s})
     cells = sorted({(k[0], k[1]) for k in s if k[0] != h}, key=lambda c: (c[0], METHOD_ORDER.index(c[1])
                                                                             if c[1] in METHOD_ORDER else 99))
-    L = ["", "## How much uptraining does each method need? (validation split)", "",
+    L = ["", "## Part 2: how much uptraining does each method need? (validation split)", "",
          "Gap to the MHA control at the same α (± summed seed spreads), and the smallest α at which the mean gap is "
          f"at most {TOL:g} nats ('never' if no α in the grid reaches it).", "",
          "| model | method | " + " | ".join(f"α={a:g}" for a in alphas) + f" | smallest α within {TOL:g} |",
@@ -428,14 +511,26 @@ def other_seed_section(sweeps: list[Sweep], other_root: pathlib.Path) -> list[st
                              "with the other original", pairs_of)
 
 
-def finetune_section(root: pathlib.Path, g: Sweep | None, al: Sweep | None, assets: pathlib.Path,
+FT_METRICS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU"}
+
+
+def finetune_section(root: pathlib.Path, sweeps: dict[str, Sweep], ctx: Context, assets: pathlib.Path,
                      written: list) -> list[str]:
+    """Issue #16 part 3: ROUGE/BLEU after fine-tuning, seed spreads, time per sample, and whether the ordering
+    on each fine-tuned metric matches the one on pre-training loss of the same uptrained models."""
+    import statistics
     base = root / "finetune"
+    head = ["", "## Part 3: after fine-tuning (WordNet gloss task)", ""]
     if not (base / "finetune.json").exists():
-        return []
+        src = "alpha" if "alpha" in sweeps else "groups"
+        env = {} if src == "alpha" else {"FT_MODELS": ",".join(
+            f"kv{kv}-mean" for kv in sorted(sweeps["groups"].cfg.num_kv_heads, reverse=True))} \
+            if "groups" in sweeps else {}
+        return head + [not_run("fine-tuning", "finetune", "no ROOT/finetune/finetune.json", ctx, **env)]
     spec = json.loads((base / "finetune.json").read_text())
-    h = (al or g).num_heads if (al or g) else 8
-    metrics = ["rouge1", "rouge2", "rougeL", "bleu"]
+    up_name = spec.get("uptrain_sweep", "alpha")  # older stages always used the alpha sweep
+    up_sweep = sweeps.get(up_name)
+    h = up_sweep.num_heads if up_sweep else next((sw.num_heads for sw in sweeps.values()), 8)
     rows: dict[str, list[dict]] = {}
     for m in spec["models"]:
         for seed in spec["seeds"]:
@@ -445,118 +540,247 @@ def finetune_section(root: pathlib.Path, g: Sweep | None, al: Sweep | None, asse
                 t = json.loads((d / "eval_seconds.json").read_text()) if (d / "eval_seconds.json").exists() else {}
                 r["wall_ms_per_example"] = 1e3 * t["seconds"] / t["examples"] if t else float("nan")
                 rows.setdefault(m, []).append(r)
+    pending = [m for m in spec["models"] if len(rows.get(m, [])) < len(spec["seeds"])]
     if not rows:
-        return []
-    import statistics
+        return head + [f"The finetune stage has started ({', '.join(spec['models'])}) but no model has finished; "
+                       f"resume it with `{ctx.command('finetune')}`."]
 
     def ms(vals):
         return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                 "n": len(vals)}
-    stats = {m: {k: ms([r[k] for r in rs if k in r]) for k in metrics + ["wall_ms_per_example"]}
+    stats = {m: {k: ms([r[k] for r in rs if k in r]) for k in [*FT_METRICS, "wall_ms_per_example"]}
              for m, rs in rows.items()}
-    up = (al or g).summary() if (al or g) else {}
-    label = {}
-    for m in rows:
+    up = up_sweep.summary() if up_sweep else {}
+
+    def key(m):  # "kv2-svd" -> the pre-training summary key at FT_ALPHA
         kv, meth = m.split("-")
-        label[m] = f"{name(int(kv[2:]), h)} {meth}" if int(kv[2:]) != h else "MHA control"
-    bench_root = (g or al).root if (g or al) else None
-    L = ["", "## After fine-tuning (WordNet gloss task)", "",
-         f"Each model uptrained at α = {spec['alpha']:g} is fine-tuned {spec['steps']} steps on `gqa_wordnet_gloss` "
-         f"(configs/runs/finetune.gin: constant learning rate 1e-3, dropout 0.1; batch {spec['batch']}, inputs 64 / "
-         f"targets 32) and scored on the first {spec['eval_examples']} validation examples with greedy decoding "
-         f"(ROUGE F-measure and BLEU, 0-100). Seeds {', '.join(map(str, spec['seeds']))} (uptraining and "
-         "fine-tuning seed). *time/sample*: the decode benchmark of this model shape (as in the groups table); "
-         "*eval wall/example*: the whole eval command (start-up included) divided by the examples.", "",
-         "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU | time/sample (ms) | eval wall/example (ms) | "
-         f"pre-training loss α={spec['alpha']:g} |", "|---|---|---|---|---|---|---|---|"]
+        return int(kv[2:]), meth, spec["alpha"]
+    label = {m: "MHA control" if key(m)[0] == h else f"{name(key(m)[0], h)} {key(m)[1]}" for m in rows}
+    bench_root = next((sw.root for sw in sweeps.values() if read_bench_any(sw.root)), None)
+    L = head + [
+        f"Each model uptrained at α = {spec['alpha']:g} (runs of the `{up_name}` sweep) is fine-tuned "
+        f"{spec['steps']} steps on `gqa_wordnet_gloss` (configs/runs/finetune.gin: constant learning rate 1e-3, "
+        f"dropout 0.1; batch {spec['batch']}, inputs 64 / targets 32) and scored on the first {spec['eval_examples']} "
+        "validation examples with greedy decoding (ROUGE F-measure and BLEU, 0-100; mean ± sample std over seeds). "
+        f"Seeds {', '.join(map(str, spec['seeds']))} (uptraining and fine-tuning seed). *time/sample*: the decode "
+        "benchmark of this model shape (as in the groups table); *eval wall/example*: the whole eval command "
+        "(start-up included) divided by the examples.", "",
+        "| model | n | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU | time/sample (ms) | eval wall/example (ms) | "
+        f"pre-training loss α={spec['alpha']:g} |", "|---|---|---|---|---|---|---|---|---|"]
     for m in rows:
-        kv = int(m.split("-")[0][2:])
-        t = sweep.read_bench(bench_root, kv).get("time_per_sample_s") if bench_root else None
-        pl = up.get((kv, m.split("-")[1] if kv != h else "mean", spec["alpha"]))
-        L.append(f"| {label[m]} | " + " | ".join(f"{stats[m][k]['mean']:.2f} ± {stats[m][k]['std']:.2f}"
-                                                for k in metrics)
+        t = sweep.read_bench(bench_root, key(m)[0]).get("time_per_sample_s") if bench_root else None
+        L.append(f"| {label[m]} | {len(rows[m])} | " + " | ".join(
+            f"{stats[m][k]['mean']:.2f} ± {stats[m][k]['std']:.2f}" for k in FT_METRICS)
                  + f" | {'–' if t is None else f'{t * 1e3:.1f}'} | {stats[m]['wall_ms_per_example']['mean']:.1f} | "
-                 f"{fmt(pl)} |")
-    # Ordering: pairs real on pre-training loss vs the same pair on ROUGE-L (higher is better).
-    same = diff = unclear = 0
-    notes = []
+                 f"{fmt(up.get(key(m)))} |")
+    if pending:
+        L.append(f"\nNot finished for every seed: {', '.join(pending)} (resume: `{ctx.command('finetune')}`).")
+    # Ordering: each pair of models, pre-training loss (lower is better) against each metric (higher is better).
     models = list(rows)
-    for i, a in enumerate(models):
-        for b in models[i + 1:]:
-            ka, kb = [(int(x.split("-")[0][2:]), x.split("-")[1]) for x in (a, b)]
-            pa = up.get((ka[0], ka[1] if ka[0] != h else "mean", spec["alpha"]))
-            pb = up.get((kb[0], kb[1] if kb[0] != h else "mean", spec["alpha"]))
-            if pa is None or pb is None:
-                continue
-            cl = compare(pa, pb)
-            ra, rb = stats[a]["rougeL"], stats[b]["rougeL"]
-            cr = compare({"mean": -ra["mean"], "std": ra["std"]}, {"mean": -rb["mean"], "std": rb["std"]})
-            if cl == "≈" or cr == "≈":
-                unclear += 1
-            elif cl == cr:
-                same += 1
-            else:
-                diff += 1
-                notes.append(f"{label[a]} vs {label[b]}")
-    L += ["", f"**Does the fine-tuned ordering match the pre-training-loss ordering?** Of the model pairs, {same} "
-          f"are ordered the same way by pre-training loss and by ROUGE-L with both differences real, {diff} are "
-          f"ordered oppositely with both real" + (f" ({'; '.join(notes)})" if notes else "")
-          + f", and {unclear} are within the spread on at least one of the two."]
+    L += ["", "**Does the fine-tuned ordering match the pre-training-loss ordering?** For each pair of models: same "
+          "order on both with both differences real, opposite order with both real, or within the spread on at "
+          "least one of the two.", "", "| metric | same order | opposite | within the spread |", "|---|---|---|---|"]
+    for k, title in FT_METRICS.items():
+        same, opp, unclear = [], [], 0
+        for i, a in enumerate(models):
+            for b in models[i + 1:]:
+                pa, pb = up.get(key(a)), up.get(key(b))
+                if pa is None or pb is None:
+                    continue
+                cl = compare(pa, pb)
+                ra, rb = stats[a][k], stats[b][k]
+                cr = compare({**ra, "mean": -ra["mean"]}, {**rb, "mean": -rb["mean"]})
+                if cl == "≈" or cr == "≈":
+                    unclear += 1
+                else:
+                    (same if cl == cr else opp).append(f"{label[a]} vs {label[b]}")
+        L.append(f"| {title} | {len(same)} | {len(opp)}" + (f" ({'; '.join(opp)})" if opp else "")
+                 + f" | {unclear} |")
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = range(len(models))
-    ax.errorbar(list(xs), [stats[m]["rougeL"]["mean"] for m in models],
-                yerr=[stats[m]["rougeL"]["std"] for m in models], fmt="o", capsize=3)
-    ax.set_xticks(list(xs), [label[m] for m in models], rotation=20)
-    ax.set(ylabel="ROUGE-L F-measure (0-100)", title="after fine-tuning on WordNet glosses")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    xs = list(range(len(models)))
+    for ax, k in zip(axes, ("rougeL", "bleu")):
+        ax.errorbar(xs, [stats[m][k]["mean"] for m in models], yerr=[stats[m][k]["std"] for m in models], fmt="o",
+                    capsize=3)
+        ax.set_xticks(xs, [label[m] for m in models], rotation=20)
+        ax.set(xlabel="model (uptrained, then fine-tuned)", ylabel=f"{FT_METRICS[k]} (0-100)",
+               title=f"{FT_METRICS[k]} after fine-tuning")
     save(fig, assets / "finetune_rougeL.png", written)
-    L.append("\n![fine-tuning ROUGE-L](reproduction/finetune_rougeL.png)")
+    L.append("\n![fine-tuning ROUGE-L and BLEU](reproduction/finetune_rougeL.png)")
     return L
 
 
-def restart_section(arms: dict[str, Sweep], assets: pathlib.Path, written: list) -> list[str]:
-    """Issue #16 part 1: control drift and GQA/MQA gaps for each optimiser-restart arm."""
-    if len(arms) < 2:
-        return ["", "## Optimiser restart (issue #16 part 1)", "",
-                "Only the fresh-state arm (the groups sweep) has run. `scripts/reproduce_paper.sh` runs the warm-up "
-                "arm once `OptimizerConfig.restart_warmup_steps` exists and the carried-state arm once `gqa-uptrain "
-                "convert --carry-optimizer-state` does (configs/sweeps/repro_restart_*.gin)."] if arms else []
+def read_bench_any(root: pathlib.Path) -> bool:
+    return any((root / "bench").glob("kv*/decode_*.json"))
+
+
+ARMS = {"fresh": ("groups", "fresh Adafactor state (the groups sweep)", "groups"),
+        "warmup": ("restart_warmup", "fresh state + learning-rate warm-up", "restart"),
+        "carry": ("restart_carry", "Adafactor state and step carried through conversion", "restart")}
+
+
+def read_continued(root: pathlib.Path, metric: str) -> dict[int, float]:
+    """Step -> loss of the original run itself at that step (ROOT/continued, written by reproduction_stages.py
+    continued with the sweeps' eval command)."""
+    f = "eval.json" if metric == VAL else f"eval_{metric.split('.')[0][len('eval_'):]}.json"
+    out = {}
+    for d in sorted((root / "continued").glob("*")):
+        if d.name.isdigit() and (d / f).exists():
+            out[int(d.name)] = float(json.loads((d / f).read_text())["metrics"]["loss"])
+    return out
+
+
+def drift(c: dict | None, ref: float | None) -> dict | None:
+    """Control minus a single deterministic reference evaluation: {'mean', 'spread' (the control's seed std),
+    'n'}."""
+    return None if c is None or ref is None else {"mean": c["mean"] - ref, "spread": c["std"], "n": c["n"]}
+
+
+def moved(d: dict | None) -> str:
+    """'within the seed spread' / 'real' (the rule), or why it cannot be judged."""
+    if d is None:
+        return "–"
+    if d["n"] < 2:
+        return "one seed: no spread"
+    return "within the seed spread" if abs(d["mean"]) <= d["spread"] else "real"
+
+
+def closer(g: dict | None, f: dict | None) -> str:
+    """Is the gap `g` (an arm) closer to zero than `f` (fresh state) beyond their summed spreads?"""
+    if g is None or f is None:
+        return "–"
+    if abs(abs(g["mean"]) - abs(f["mean"])) <= g["spread"] + f["spread"]:
+        return "≈"
+    return "closer" if abs(g["mean"]) < abs(f["mean"]) else "farther"
+
+
+def restart_section(root: pathlib.Path, arms: dict[str, Sweep], ctx: Context, assets: pathlib.Path,
+                    written: list) -> list[str]:
+    """Issue #16 part 1: the MHA control's drift against (a) the original at N and (b) the original run continued
+    to N + α·N, the GQA/MQA gaps to the control, for each optimiser-restart arm, and the verdict on the goal."""
+    L = ["", "## Part 1: the optimiser restart shock", ""]
+    for arm, (d, what, stage) in ARMS.items():
+        if arm not in arms:
+            L.append("- " + not_run(f"the {what} arm", stage, f"no ROOT/{d}/sweep.json", ctx))
+    if (root / "continued" / "continued.json").exists():
+        cont = json.loads((root / "continued" / "continued.json").read_text())
+        if cont.get("unsaved"):
+            L.append("- The original run saved no checkpoint at step "
+                     + ", ".join(f"{k} (α={', '.join(f'{a:g}' for a in v)})" for k, v in cont["unsaved"].items())
+                     + ", so reference (b) is missing there.")
+    elif arms:
+        L.append("- " + not_run("reference (b), the original continued to N + α·N", "restart",
+                                "no ROOT/continued/continued.json; the report stage also runs it", ctx))
+    if not arms:
+        return L
     h = next(iter(arms.values())).num_heads
-    alphas = sorted({k[2] for sw in arms.values() for k in sw.summary() if k[2] > 0})
-    L = ["", "## Optimiser restart (issue #16 part 1)", "",
-         "Control drift = MHA control at α minus the original MHA model (α = 0); gaps = GQA/MQA minus the control "
-         "at the same α (± summed spreads). Goal: the control moves by less than the seed spread, and the converted "
-         "models land closer to it.", "",
-         "| arm | " + " | ".join(f"control drift α={a:g}" for a in alphas) + " | "
-         + " | ".join(f"{name(kv, h)} gap α={a:g}" for kv in (2, 1) for a in alphas) + " |",
-         "|---|" + "---|" * (3 * len(alphas))]
-    for arm, sw in arms.items():
-        s = sw.summary()
-        drift = []
-        for a in alphas:
-            c0, c1 = s.get((h, "mean", 0.0)), s.get((h, "mean", a))
-            drift.append("–" if c0 is None or c1 is None else
-                         f"{c1['mean'] - c0['mean']:+.4f} ± {c1['std'] + c0['std']:.4f} "
-                         f"({'within spread' if compare(c1, c0) == '≈' else 'real'})")
-        L.append(f"| {arm} | " + " | ".join(drift) + " | "
-                 + " | ".join(fmt_gap(gap(s, (kv, "mean", a), h)) for kv in (2, 1) for a in alphas) + " |")
-    fresh = arms.get("fresh")
-    if fresh is not None:
-        fs = fresh.summary()
-        for arm, sw in arms.items():
-            if arm == "fresh":
+    n_steps = next((sw.original_steps for sw in arms.values() if sw.original_steps), None) or ctx.original_steps
+    L += ["", f"Reference (a): the original at step N = {n_steps} before any uptraining; reference (b): the original "
+          "run itself continued to step N + α·N with its own optimiser state (a saved pre-training checkpoint), "
+          "i.e. what the same number of steps does without conversion or optimiser restart. Both are scored with "
+          "the sweeps' eval command and splits (one deterministic evaluation each). Drift = MHA control after "
+          "uptraining minus the reference, ± the control's seed standard deviation; gaps = GQA-2 / MQA minus the "
+          "control at the same α, ± the summed seed spreads. Goal (issue #16): the control moves by less than the "
+          "seed spread, and the converted models land closer to it at the same α (here: their gap is smaller than "
+          "with fresh state beyond the summed spreads of the two gaps)."]
+    verdict_lines = []
+    plot_data = {}
+    for metric in (VAL, DOCS):
+        sums = {arm: sw.summary(metric) for arm, sw in arms.items()}
+        if not any(sums.values()):
+            continue
+        cont = read_continued(root, metric)
+        base_a = cont.get(n_steps) if n_steps is not None else None
+        ctrl0 = next((sm[(h, "mean", 0.0)] for sm in sums.values() if (h, "mean", 0.0) in sm), None)
+        src_a = "the original checkpoint"
+        if base_a is None and ctrl0 is not None:
+            base_a, src_a = ctrl0["mean"], "the identity-converted control at α = 0, the same model"
+        alphas = sorted({k[2] for sm in sums.values() for k in sm if k[2] > 0})
+        kinds = [kv for kv in sorted({k[0] for sm in sums.values() for k in sm}, reverse=True) if kv != h]
+        L += ["", f"### {SPLIT_NAME[metric]}", ""]
+        ref_steps = [n_steps + uptrain_steps(a, n_steps) for a in alphas] if n_steps else []
+        if base_a is None:
+            L.append("Reference (a) is missing (no continued eval at N and no α = 0 control).")
+        else:
+            L.append(f"Reference (a) = {base_a:.4f} ({src_a})"
+                     + (f"; the identity-converted control at α = 0 scores {ctrl0['mean']:.4f} "
+                        f"({ctrl0['mean'] - base_a:+.4f})" if ctrl0 is not None and src_a.startswith("the original")
+                        else "") + ". Reference (b) = "
+                     + (", ".join(f"{cont[st]:.4f} at step {st}" for st in ref_steps if st in cont)
+                        or "not evaluated")
+                     + ".")
+        L += ["", "| arm | α | MHA control | drift vs (a) | verdict | drift vs (b) | verdict | "
+              + " | ".join(f"{name(kv, h)} gap | vs fresh" for kv in kinds) + " |",
+              "|---|---|---|---|---|---|---|" + "---|---|" * len(kinds)]
+        for arm, sm in sums.items():
+            for a in alphas:
+                c = sm.get((h, "mean", a))
+                ref_b = cont.get(n_steps + uptrain_steps(a, n_steps)) if n_steps else None
+                da, db = drift(c, base_a), drift(c, ref_b)
+                gaps = {kv: gap(sm, (kv, "mean", a), h) for kv in kinds}
+                if c is None and not any(gaps.values()):
+                    continue  # α not in this arm's grid, or not finished
+                fresh = sums.get("fresh", {})
+                vs = {kv: "(baseline)" if arm == "fresh" else closer(gaps[kv], gap(fresh, (kv, "mean", a), h))
+                      for kv in kinds}
+                L.append(f"| {arm} | {a:g} | {fmt(c)} | {fmt_gap(da)} | {moved(da)} | {fmt_gap(db)} | {moved(db)} | "
+                         + " | ".join(f"{fmt_gap(gaps[kv])} | {vs[kv]}" for kv in kinds) + " |")
+                if metric == VAL:
+                    plot_data.setdefault(arm, []).append((a, c))
+                    verdict_lines.append((arm, a, da, db, vs))
+    # The verdict, per arm, on the validation split (the issue's measure).
+    L += ["", "**Verdict on the goal (validation split):**", ""]
+    for arm in arms:
+        rows = [r for r in verdict_lines if r[0] == arm]
+        if not rows:
+            L.append(f"- {arm}: no finished uptrained control yet.")
+            continue
+        for ref, idx in (("(a) the original at N", 2), ("(b) the original continued", 3)):
+            judged = [(r[1], r[idx]) for r in rows if r[idx] is not None]
+            if not judged:
+                L.append(f"- {arm}, control vs {ref}: no reference.")
                 continue
-            s = sw.summary()
-            for kv in (2, 1):
-                for a in alphas:
-                    x, y = s.get((kv, "mean", a)), fs.get((kv, "mean", a))
-                    if x and y:
-                        L.append(f"- {arm} vs fresh, {name(kv, h)} α={a:g}: loss {x['mean']:.4f} {compare(x, y)} "
-                                 f"{y['mean']:.4f}.")
-    series = {f"{arm} {name(kv, h)}": [(a, gap(sw.summary(), (kv, "mean", a), h)) for a in alphas]
-              for arm, sw in arms.items() for kv in (2, 1)}
-    plot_gaps_vs_alpha(series, "gap to MHA control per optimiser-restart arm", assets / "restart_gaps.png", written)
-    L.append("\n![restart gaps](reproduction/restart_gaps.png)")
+            ok = all(moved(d) == "within the seed spread" for _, d in judged)
+            L.append(f"- {arm}, control vs {ref}: "
+                     + "; ".join(f"α={a:g} {d['mean']:+.4f} ({moved(d)})" for a, d in judged)
+                     + f" → {'moves by less than the seed spread' if ok else 'does not stay within the seed spread'}.")
+        if arm != "fresh":
+            cmp_ = [(a, kv, v) for _, a, _, _, vs in rows for kv, v in vs.items()]
+            if cmp_:
+                ok = all(v == "closer" for *_, v in cmp_)
+                L.append(f"- {arm}, converted models vs fresh state: "
+                         + "; ".join(f"{name(kv, h)} α={a:g} {v}" for a, kv, v in cmp_)
+                         + f" → {'closer to the control everywhere' if ok else 'not closer everywhere'}.")
+                okc = all(moved(r[2]) == "within the seed spread" for r in rows)
+                L.append(f"- **{arm}: goal {'met' if ok and okc else 'not met'}** (control within the seed spread of "
+                         f"the original at N: {'yes' if okc else 'no'}; converted models closer than with fresh "
+                         f"state: {'yes' if ok else 'no'}).")
+    # Plot: the control's loss against α per arm, with references (a) and (b).
+    if plot_data:
+        cont = read_continued(root, VAL)
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (arm, pts) in enumerate(plot_data.items()):
+            pts = [(a, c) for a, c in pts if c is not None]
+            if pts:
+                ax.errorbar([a * (1 + 0.03 * i) for a, _ in pts], [c["mean"] for _, c in pts],
+                            yerr=[c["std"] for _, c in pts], fmt="o", capsize=3, label=f"MHA control, {arm}")
+        if n_steps:
+            ref = sorted((st - n_steps) / n_steps for st in cont if st >= n_steps)
+            if ref:
+                ax.plot(ref, [cont[n_steps + round(r * n_steps)] for r in ref], "k-s", ms=4,
+                        label="original continued (no restart)")
+        ax.set(xlabel="uptraining fraction α (steps after N / N)", ylabel=AXIS[VAL],
+               title="MHA control after uptraining vs the original")
+        ax.legend(fontsize=7)
+        save(fig, assets / "restart_control.png", written)
+        L.append("\n![control vs original](reproduction/restart_control.png)")
+        alphas = sorted({a for pts in plot_data.values() for a, _ in pts})
+        series = {f"{arm} {name(kv, h)}": [(a, gap(sw.summary(), (kv, "mean", a), h)) for a in alphas]
+                  for arm, sw in arms.items() for kv in sorted({k[0] for k in sw.summary()}) if kv != h}
+        plot_gaps_vs_alpha(series, "gap to MHA control per optimiser-restart arm", assets / "restart_gaps.png",
+                           written)
+        L.append("![restart gaps](reproduction/restart_gaps.png)")
     return L
 
 
@@ -596,55 +820,84 @@ def gap_plots(g: Sweep | None, m: Sweep | None, assets: pathlib.Path, written: l
     return ["", "## Plots", ""] + L if L else []
 
 
+def write_csv(sw: Sweep, path: pathlib.Path) -> None:
+    """The sweep's per-run rows (as `gqa-uptrain sweep` writes results.csv, without writing into the sweep)."""
+    import csv
+    keys = sorted({k for r in sw.rows for k in r}, key=lambda k: (k.split(".")[0] not in ("run_id", "kind"), k))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(sw.rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("root", type=pathlib.Path, help="the ROOT given to scripts/reproduce_paper.sh")
-    ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("docs/reproduction.md"))
+    ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("docs/reproduction.md"),
+                    help="the report; its plots and CSVs go to reproduction/ beside it (default %(default)s)")
     ap.add_argument("--other_root", type=pathlib.Path, default=None,
                     help="the ROOT of the same stages from an original with another pre-training seed: check that "
                          "each real difference keeps its order there")
     ap.add_argument("--original", type=pathlib.Path, default=None,
                     help="the long pre-training MODEL_DIR (default: read from ROOT/mha_original/original.json)")
     args = ap.parse_args(argv)
-    root = args.root
+    root = args.root.absolute()
+    if not root.is_dir():
+        raise SystemExit(f"error: {root} is not a directory (the ROOT given to scripts/reproduce_paper.sh)")
     assets = args.out.parent / "reproduction"
     assets.mkdir(parents=True, exist_ok=True)
     written: list[pathlib.Path] = []
     original = args.original
-    if original is None and (root / "mha_original" / "original.json").exists():
-        original = pathlib.Path(json.loads((root / "mha_original" / "original.json").read_text())["source"])
-    g, m, al = (load_sweep(root, n) for n in ("groups", "methods", "alpha"))
-    arms = {"fresh": g} if g is not None else {}
-    for arm in ("warmup", "carry"):
-        sw = load_sweep(root, f"restart_{arm}")
-        if sw is not None:
-            arms[arm] = sw
+    prov_path = root / "mha_original" / "original.json"
+    if original is None and prov_path.exists():
+        original = pathlib.Path(json.loads(prov_path.read_text())["source"])
+    names = ("groups", "methods", "alpha", "restart_warmup", "restart_carry")
+    loaded = {n: load_sweep(root, n) for n in names}
+    sweeps_by = {n: sw for n, sw in loaded.items() if sw is not None}
+    g, m, al = (loaded[n] for n in ("groups", "methods", "alpha"))
+    arms = {arm: loaded[d] for arm, (d, _, _) in ARMS.items() if loaded.get(d) is not None}
     sweeps = [sw for sw in (g, m, al) if sw is not None]
+    used = json.loads(prov_path.read_text())["step"] if prov_path.exists() else None
+    seeds = list(next((sw.cfg.seeds for sw in sweeps_by.values()), ()))
+    ctx = Context(root, original, used, seeds)
     seconds = json.loads((root / "stage_seconds.json").read_text()) if (root / "stage_seconds.json").exists() else {}
     L = setup_section(root, original, sweeps, seconds)
-    L += pretrain_section(original, root, assets, written)
+    L.append("- **Stages in this report:** " + (", ".join(sweeps_by) or "no sweep")
+             + ("; not run: " + ", ".join(n for n in names if n not in sweeps_by) if len(sweeps_by) < len(names)
+                else "") + " (each part without its data says how to run it).")
+    L += pretrain_section(original, root, assets, written, ctx)
     if g is not None:
         L += groups_section(g)
         if any(DOCS in r for r in g.rows):
             L += groups_section(g, DOCS)
+    else:
+        L += ["", "## Groups × uptraining fraction", "",
+              not_run("the groups × α sweep (and every part built on it)", "groups", "no ROOT/groups/sweep.json",
+                      ctx)]
     if m is not None:
         L += methods_section(m, g)
         if any(DOCS in r for r in m.rows):
             L += methods_section(m, g, DOCS)
+    else:
+        L += ["", "## Conversion method for MQA", "",
+              not_run("the conversion-method comparison", "methods", "no ROOT/methods/sweep.json", ctx)]
     L += findings(g, m)
+    L += restart_section(root, arms, ctx, assets, written)
     if al is not None:
         L += alpha_section(al, assets, written)
+    else:
+        L += ["", "## Part 2: how much uptraining does each method need?", "",
+              not_run("loss against α per conversion method", "alpha", "no ROOT/alpha/sweep.json", ctx)]
+    L += finetune_section(root, sweeps_by, ctx, assets, written)
     L += heldout_section(sweeps)
     if args.other_root is not None:
         L += other_seed_section(sweeps, args.other_root)
-    L += finetune_section(root, g, al, assets, written)
-    L += restart_section(arms, assets, written)
     L += gap_plots(g, m, assets, written)
     csvs = []
-    for sw in sweeps + [a for k, a in arms.items() if k != "fresh"]:
-        if (sw.root / "results.csv").exists():
+    for sw in sweeps_by.values():
+        if sw.rows:
             dst = assets / f"{sw.name}_results.csv"
-            dst.write_bytes((sw.root / "results.csv").read_bytes())
+            write_csv(sw, dst)
             csvs.append(f"[reproduction/{dst.name}](reproduction/{dst.name})")
     if csvs:
         L += ["", "Per-run results: " + ", ".join(csvs) + ". Re-run: `scripts/reproduce_paper.sh` (resumes where "

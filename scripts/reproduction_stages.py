@@ -4,6 +4,8 @@
   machine ROOT                      record the machine (CPU model, cores, RAM) in ROOT/machine.json
   pick-length ORIGINAL [--flat X]   choose the original's length from its validation curve (printed, JSON)
   original ORIGINAL STEP OUT        OUT = a checkpoint dir holding ORIGINAL's step STEP only (the sweeps' source)
+  continued ROOT [--original DIR]    evaluate the original run itself continued to N and N + α·N (its saved
+                                    pre-training checkpoints) with the sweeps' eval command: ROOT/continued/<step>/
   finetune ROOT ...                 fine-tune uptrained models on gqa_wordnet_gloss and score them, resumably
 
 Why a checkpoint of a long run can stand in for a shorter run: pre-training uses T5's rsqrt schedule with 10k
@@ -135,20 +137,130 @@ def materialize_original(original: pathlib.Path, step: int, out: pathlib.Path) -
     tmp.rename(out)
 
 
+# ------------------------------------------------------------------------------- the original, continued
+
+# Sweeps whose α grid decides which continued steps the report compares with (issue #16 part 1 and 2).
+SWEEPS = ("groups", "restart_warmup", "restart_carry", "methods", "alpha")
+
+
+def original_of(root: pathlib.Path, original: pathlib.Path | None = None) -> tuple[pathlib.Path, int]:
+    """(the long pre-training MODEL_DIR, the step N the sweeps start from), from ROOT/mha_original/original.json
+    (`original` overrides the directory)."""
+    prov_path = root / "mha_original" / "original.json"
+    if not prov_path.exists():
+        raise FileNotFoundError(f"{prov_path} not found: run the original stage first")
+    prov = json.loads(prov_path.read_text())
+    return (original or pathlib.Path(prov["source"])), int(prov["step"])
+
+
+def uptrain_steps(alpha: float, original_steps: int) -> int:
+    """Uptraining steps for α, by the trainer's own rule (gqa_uptrain.train_state.resolve_length)."""
+    from types import SimpleNamespace
+
+    from gqa_uptrain.train_state import resolve_length
+    cfg = SimpleNamespace(train_steps=None, original_steps=original_steps, uptrain_fraction=alpha)
+    return resolve_length(cfg, None)[0]
+
+
+def continued_plan(root: pathlib.Path, original: pathlib.Path | None = None) -> dict:
+    """What the `continued` stage evaluates: the original at N and, for every α > 0 of the sweeps under ROOT, the
+    original run itself continued to N + α·N (no conversion, no optimiser restart) where it saved that step; the
+    eval settings (task, splits, flags) are the first sweep's, so the losses compare with the sweeps' exactly.
+    Returns {"original", "original_steps", "eval_task", "splits", "eval_args", "sweep", "steps": {step: [α, ...]},
+    "unsaved": {step: [α, ...]}}."""
+    from gqa_uptrain import sweep
+    src, n = original_of(root, original)
+    present = [name for name in SWEEPS if (root / name / "sweep.json").exists()]
+    if not present:
+        raise FileNotFoundError(f"no sweep under {root} (looked for {', '.join(SWEEPS)}): run the groups stage first")
+    cfg, _ = sweep._read_spec(root / present[0])
+    alphas = sorted({a for name in present for a in sweep._read_spec(root / name)[0].alphas if a > 0})
+    have = set(saved_steps(src))
+    steps: dict[int, list[float]] = {n: [0.0]} if n in have else {}
+    unsaved: dict[int, list[float]] = {} if n in have else {n: [0.0]}
+    for a in alphas:
+        s = n + uptrain_steps(a, n)
+        (steps if s in have else unsaved).setdefault(s, []).append(a)
+    return {"original": str(src.absolute()), "original_steps": n, "eval_task": cfg.eval_task,
+            "splits": ["validation", *cfg.extra_eval_splits], "eval_args": list(cfg.eval_args), "sweep": present[0],
+            "steps": {str(k): v for k, v in sorted(steps.items())},
+            "unsaved": {str(k): v for k, v in sorted(unsaved.items())}}
+
+
+def continued_stages(root: pathlib.Path, plan: dict) -> list:
+    """One `gqa-uptrain eval` per (saved step, split), the sweeps' command with `--step`:
+    ROOT/continued/<step>/eval.json (validation) and eval_<split>.json."""
+    from gqa_uptrain.sweep import Stage
+    cli = [sys.executable, "-m", "gqa_uptrain"]
+    out = []
+    for step in plan["steps"]:
+        d = root / "continued" / step
+        for split in plan["splits"]:
+            f = "eval" if split == "validation" else f"eval_{split}"
+            out.append(Stage(f"continued {step} {split}", cli + [
+                "eval", "--checkpoint", plan["original"], "--step", step, "--task", plan["eval_task"],
+                *(["--split", split] if split != "validation" else []), "--output", str(d / f"{f}.json"),
+                *plan["eval_args"]], d / f"{f}.json", d / f"{f}.log"))
+    return out
+
+
+def continued(root: pathlib.Path, original: pathlib.Path | None = None) -> dict:
+    """Run the `continued` evals (each skipped once done) and record the plan in ROOT/continued/continued.json.
+    Refuses a ROOT whose earlier continued evals used other eval settings or another original."""
+    plan = continued_plan(root, original)
+    base = root / "continued"
+    spec_path = base / "continued.json"
+    if spec_path.exists():
+        old = json.loads(spec_path.read_text())
+        fixed = ("original", "original_steps", "eval_task", "eval_args")
+        if any(old.get(k) != plan[k] for k in fixed):
+            raise ValueError(f"{base} was evaluated with other settings (see {spec_path}: "
+                             + ", ".join(f"{k}={old.get(k)}" for k in fixed) + "); use another ROOT")
+    base.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    for st in continued_stages(root, plan):
+        st.run(env)
+    spec_path.write_text(json.dumps(plan, indent=2) + "\n")
+    for s, al in plan["unsaved"].items():
+        print(f"[continued] step {s} (α={', '.join(f'{a:g}' for a in al)}) is not saved in {plan['original']}; "
+              "skipped", flush=True)
+    return plan
+
+
 # --------------------------------------------------------------------------------------------- fine-tuning
 
 FT_MODELS = ("kv8-mean", "kv2-mean", "kv2-svd", "kv1-mean", "kv1-svd")
 
 
+def resolve_uptrain_sweep(root: pathlib.Path, requested: str) -> str:
+    """The sweep whose uptrained models are fine-tuned: `requested`, or for "auto" the one ROOT/finetune already
+    used, else alpha when ROOT/alpha is a sweep, else groups."""
+    if requested != "auto":
+        return requested
+    spec = root / "finetune" / "finetune.json"
+    if spec.exists():
+        return json.loads(spec.read_text())["uptrain_sweep"]
+    return "alpha" if (root / "alpha" / "sweep.json").exists() else "groups"
+
+
 def finetune(root: pathlib.Path, models: list[str], seeds: list[int], alpha: float, steps: int, batch: int,
-             eval_examples: int, uptrain_sweep: str = "alpha", extra: tuple[str, ...] = ()) -> None:
+             eval_examples: int, uptrain_sweep: str = "auto", extra: tuple[str, ...] = ()) -> None:
     """Fine-tune each uptrained model ROOT/<uptrain_sweep>/runs/<model>-a<alpha>-s<seed>/train with
     configs/runs/finetune.gin (constant LR 1e-3, dropout 0.1) and score it with greedy decoding on the
     gqa_wordnet_gloss validation split: ROOT/finetune/runs/<model>-s<seed>/{train/,eval.json,eval_seconds.json}.
-    Each stage is skipped once done (gqa_uptrain.sweep.Stage)."""
+    Each stage is skipped once done (gqa_uptrain.sweep.Stage). uptrain_sweep "auto": the sweep an earlier call
+    recorded in ROOT/finetune/finetune.json, else alpha when that stage exists, else groups (the same models: the
+    alpha sweep reuses the groups sweep's runs with the same inputs)."""
     from gqa_uptrain.sweep import Stage
     cli = [sys.executable, "-m", "gqa_uptrain"]
     base = root / "finetune"
+    uptrain_sweep = resolve_uptrain_sweep(root, uptrain_sweep)
+    missing = [f"{m}-a{alpha:g}-s{seed}" for m in models for seed in seeds
+               if not (root / uptrain_sweep / "runs" / f"{m}-a{alpha:g}-s{seed}" / "train.done").exists()]
+    if missing:  # checked before anything is written
+        raise FileNotFoundError(f"{root / uptrain_sweep / 'runs'} has no finished uptraining run "
+                                f"{', '.join(missing)}: run the {uptrain_sweep} stage first, or choose FT_MODELS / "
+                                f"FT_ALPHA from its grid")
     base.mkdir(parents=True, exist_ok=True)
     spec = {"models": models, "seeds": seeds, "alpha": alpha, "steps": steps, "batch": batch,
             "eval_examples": eval_examples, "uptrain_sweep": uptrain_sweep, "extra": list(extra)}
@@ -160,8 +272,6 @@ def finetune(root: pathlib.Path, models: list[str], seeds: list[int], alpha: flo
     for model in models:
         for seed in seeds:
             src = root / uptrain_sweep / "runs" / f"{model}-a{alpha:g}-s{seed}"
-            if not (src / "train.done").exists():
-                raise FileNotFoundError(f"{src} is not a finished uptraining run: run the {uptrain_sweep} stage first")
             d = base / "runs" / f"{model}-s{seed}"
             train = Stage("finetune", cli + [
                 "train", "--gin_file=runs/finetune.gin", f"--gin.INITIAL_CHECKPOINT={src / 'train'}",
@@ -202,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("original", type=pathlib.Path)
     o.add_argument("step", type=int)
     o.add_argument("out", type=pathlib.Path)
+    c = sub.add_parser("continued", help="evaluate the original run continued to N + α·N (issue #16 part 1)")
+    c.add_argument("root", type=pathlib.Path)
+    c.add_argument("--original", type=pathlib.Path, default=None,
+                   help="the long pre-training MODEL_DIR (default: ROOT/mha_original/original.json's source)")
     f = sub.add_parser("finetune")
     f.add_argument("root", type=pathlib.Path)
     f.add_argument("--models", default=",".join(FT_MODELS))
@@ -210,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--batch", type=int, default=16)
     f.add_argument("--eval_examples", type=int, default=200)
-    f.add_argument("--uptrain_sweep", default="alpha")
+    f.add_argument("--uptrain_sweep", default="auto",
+                   help="sweep under ROOT whose uptrained runs are fine-tuned: alpha, groups, or auto (default: the "
+                        "one an earlier call used, else alpha when it exists, else groups)")
     f.add_argument("--extra", action="append", default=[], help="more train flags (repeatable)")
     args = ap.parse_args(argv)
     if args.cmd == "machine":
@@ -224,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         print(choice["step"])
     elif args.cmd == "original":
         materialize_original(args.original, args.step, args.out)
+    elif args.cmd == "continued":
+        continued(args.root, args.original)
     else:
         finetune(args.root, [x for x in args.models.split(",") if x], _ints(args.seeds), args.alpha, args.steps,
                  args.batch, args.eval_examples, args.uptrain_sweep, tuple(args.extra))

@@ -147,7 +147,9 @@ def test_report_reads_setup_from_runs_and_plots_gaps(tmp_path):
     assert "seed 7" in md and "step 3000 of a run of 4000 steps" in md
     assert "Seeds 0, 1, 2" not in md and "eval.metrics.loss" not in md
     # Length: with flat 0.07 nats/1000 steps, 2 exp(-s/1000) flattens at 3000 (slope -0.063; -0.103 at 2500).
-    assert "The loss flattens at step 3000" in md and "The sweeps use step 3000 (the rule's choice)." in md
+    assert "**The loss flattens by this rule at step 3000**" in md
+    assert "The sweeps use step 3000 (the rule's choice)." in md
+    assert "still falling" not in md  # flattened and used as chosen: no override warning
     # α sweep: svd reaches the control within 0.01 at α = 0.01, mean never (+0.2 at best).
     assert "| MQA | svd |" in md and "| 0.01 |" in md.split("| MQA | svd |")[1].splitlines()[0]
     assert "| never |" in md.split("| MQA | mean |")[1].splitlines()[0]
@@ -157,9 +159,15 @@ def test_report_reads_setup_from_runs_and_plots_gaps(tmp_path):
     # Second held-out set: the same ordering (a constant shift), so no reversal.
     assert "reverse beyond the spread." in md and " 0 reverse" in md
     # Fine-tuning: MHA control better on both loss and ROUGE-L: same ordering.
-    assert "1 are ordered the same way" in md
-    # Optimiser restart: only the fresh arm present.
-    assert "Only the fresh-state arm" in md
+    assert "| ROUGE-L | 1 | 0 | 0 |" in md and "runs of the `alpha` sweep" in md
+    # Optimiser restart: only the fresh arm present; the others say how to run them.
+    part1 = md.split("## Part 1")[1].split("\n## ")[0]
+    assert part1.count("The `restart` stage has not run") == 3  # warm-up arm, carried arm, continued reference
+    assert "| fresh | 0.05 |" in part1
+    # Every part is there: the methods stage did not run, so its part says so with the command.
+    assert ('The `methods` stage has not run (no ROOT/methods/sweep.json); run it with `ORIGINAL='
+            + str(tmp_path / "pre") + ' ORIGINAL_STEPS=3000 SEEDS="3 5" STAGES="methods report" scripts/reproduce_paper.sh ' + str(root) + '`'
+            in md)
     assets = out.parent / "reproduction"
     for png in ("pretrain_curve.png", "alpha_gap_kv1.png", "groups_gap_val.png", "groups_gap_docs.png",
                 "finetune_rougeL.png"):
@@ -215,8 +223,13 @@ def test_reproduce_paper_toy_end_to_end(tmp_path):
     seconds = json.loads((root / "stage_seconds.json").read_text())
     assert {"pretrain", "groups", "methods", "alpha", "finetune"} <= set(seconds)
     md = (tmp_path / "docs" / "reproduction.md").read_text()
-    assert "**Seeds:** 0 (read from the runs)" in md and "## After fine-tuning" in md
-    assert "## How much uptraining does each method need?" in md
+    assert "**Seeds:** 0 (read from the runs)" in md and "## Part 3: after fine-tuning" in md
+    assert "## Part 2: how much uptraining does each method need?" in md
+    # The report stage evaluated the original at N = 10 with the sweeps' eval command (α = 0.1 -> step 11 is not
+    # saved, so there is no continued reference for it and the report says so).
+    assert json.loads((root / "continued" / "10" / "eval_python_docs.json").read_text())["split"] == "python_docs"
+    assert json.loads((root / "continued" / "continued.json").read_text())["unsaved"] == {"11": [0.1]}
+    assert "saved no checkpoint at step 11 (α=0.1)" in md
     # Re-running resumes: finished stages are skipped (the pre-training and fine-tuning are not touched).
     before = [(root / p).stat().st_mtime for p in ("pretrain/metrics.jsonl", "finetune/runs/kv1-mean-s0/eval.json")]
     r = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_paper.sh"), str(root)],
@@ -240,3 +253,165 @@ def test_report_checks_conclusions_against_another_pretraining_seed(tmp_path):
     sec = md.split("## Another pre-training seed (7")[1].split("##")[0]
     assert "14 have the same order with the other original" in sec
     assert "1 reverse beyond the spread: groups: MQA mean vs GQA-2 mean at α=0.05." in sec
+
+
+def _subset_root(tmp_path):
+    """groups + both restart arms + the continued original + fine-tuning of groups' models; no methods, no alpha.
+    The original's curve is a straight line (-0.05 nats / 1000 steps: never flat) and ORIGINAL_STEPS overrode the
+    rule's choice (its last step, 4000) with 3000."""
+    root = _synthetic_root(tmp_path)
+    for d in ("alpha", "finetune"):
+        import shutil
+        shutil.rmtree(root / d)
+    pre = tmp_path / "pre"
+    (pre / "metrics.jsonl").write_text("".join(json.dumps({"split": "eval", "step": s, "loss": 5.0 - 5e-5 * s}) + "\n"
+                                               for s in range(250, 4001, 250)))
+    (root / "length.json").write_text(json.dumps({"step": 4000, "flattened": False, "flat": 0.02, "window": 1000}))
+    for f in ("groups", ):
+        spec = json.loads((root / f / "sweep.json").read_text())
+        (root / f / "sweep.json").write_text(json.dumps({**spec, "original_steps": 3000}))
+    cfg = SweepConfig(source_checkpoint=str(root / "mha_original"), num_kv_heads=(1, 2, 8), alphas=(0.0, 0.05),
+                      seeds=(3, 5), extra_eval_splits=("python_docs",))
+    # warm-up: the control moves by less than its spread, converted models as with fresh state.
+    _sweep_root(root, "restart_warmup", cfg, {"kv8-mean-a0-s3": 4.0, "kv2-mean-a0-s3": 5.5, "kv1-mean-a0-s3": 6.0,
+                                              "kv8-mean-a0.05-s3": 4.000, "kv8-mean-a0.05-s5": 4.010,
+                                              "kv2-mean-a0.05-s3": 4.10, "kv2-mean-a0.05-s5": 4.11,
+                                              "kv1-mean-a0.05-s3": 4.20, "kv1-mean-a0.05-s5": 4.21}, steps=3000)
+    # carried: control within spread and both converted models clearly closer than with fresh state (+0.1 / +0.2).
+    _sweep_root(root, "restart_carry", cfg, {"kv8-mean-a0-s3": 4.0, "kv2-mean-a0-s3": 5.5, "kv1-mean-a0-s3": 6.0,
+                                             "kv8-mean-a0.05-s3": 3.995, "kv8-mean-a0.05-s5": 4.005,
+                                             "kv2-mean-a0.05-s3": 4.02, "kv2-mean-a0.05-s5": 4.03,
+                                             "kv1-mean-a0.05-s3": 4.04, "kv1-mean-a0.05-s5": 4.05}, steps=3000)
+    # The original at N = 3000 and continued to 3150 (α = 0.05), as `reproduction_stages.py continued` writes them.
+    for step, loss in ((3000, 4.0), (3150, 3.99)):
+        d = root / "continued" / str(step)
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({"metrics": {"loss": loss}}))
+        (d / "eval_python_docs.json").write_text(json.dumps({"metrics": {"loss": loss + 0.3}}))
+    (root / "continued" / "continued.json").write_text(json.dumps({"steps": {"3000": [0.0], "3150": [0.05]},
+                                                                   "unsaved": {}}))
+    ft = root / "finetune"
+    (ft / "runs").mkdir(parents=True)
+    (ft / "finetune.json").write_text(json.dumps({"models": ["kv8-mean", "kv2-mean", "kv1-mean"], "seeds": [3, 5],
+                                                  "alpha": 0.05, "steps": 300, "batch": 16, "eval_examples": 50,
+                                                  "uptrain_sweep": "groups"}))
+    for m, r in (("kv8-mean", 40.0), ("kv2-mean", 30.0)):  # kv1-mean not finished yet
+        for i, s in enumerate((3, 5)):
+            d = ft / "runs" / f"{m}-s{s}"
+            d.mkdir()
+            (d / "eval.json").write_text(json.dumps({"metrics": {"rouge1": r + i, "rouge2": r / 2 + i,
+                                                                 "rougeL": r + i, "bleu": 35.0 - r / 5 + i}}))
+            (d / "eval_seconds.json").write_text(json.dumps({"seconds": 5.0, "examples": 50}))
+    return root
+
+
+def test_report_from_a_subset_of_stages(tmp_path):
+    root = _subset_root(tmp_path)
+    before = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*"))
+    out = tmp_path / "out" / "reproduction.md"
+    report.main([str(root), "--out", str(out)])
+    md = out.read_text()
+    assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*")) == before  # ROOT is only read
+    cmd = f'ORIGINAL={tmp_path / "pre"} ORIGINAL_STEPS=3000 SEEDS="3 5" STAGES="{{}} report" ' \
+          f'scripts/reproduce_paper.sh {root}'
+    # Missing parts: one line each, with the command that runs them.
+    part2 = md.split("## Part 2")[1].split("\n## ")[0]
+    assert part2.strip().splitlines()[-1].startswith("*Not in this report: loss against α per conversion method.")
+    assert "`" + cmd.format("alpha") + "`" in part2
+    assert "`" + cmd.format("methods") + "`" in md
+    assert "**Stages in this report:** groups, restart_warmup, restart_carry; not run: methods, alpha" in md
+    # Length: never flat, overridden, slopes computed (a straight line: -0.05 everywhere).
+    assert "**The loss never flattens by this rule within the run**" in md
+    assert "**The sweeps use step 3000, set by ORIGINAL_STEPS instead of the rule's 4000.**" in md
+    assert ("slope -0.0500 nats / 1000 steps over the 1000 steps before it, -0.0500 over the 1000 after it; at the "
+            "end of the curve (steps 3000–4000) -0.0500") in md
+    assert "| 3000 **(used)** |" in md and "| 4000 (rule) |" in md
+    # Part 1, validation split: references (a) 4.0 and (b) 3.99 at step 3150.
+    val = md.split("### validation split")[1].split("###")[0]
+    assert "Reference (a) = 4.0000 (the original checkpoint); the identity-converted control at α = 0 scores " \
+           "4.0000 (+0.0000). Reference (b) = 3.9900 at step 3150." in val
+    # fresh: control 4.10/4.11 -> +0.105 vs (a), real; warm-up 4.000/4.010: +0.005 ± 0.0071, within the spread.
+    assert "| fresh | 0.05 | 4.1050 ± 0.0071 (n=2) | +0.1050 ± 0.0071 | real | +0.1150 ± 0.0071 | real |" in val
+    assert "| warmup | 0.05 | 4.0050 ± 0.0071 (n=2) | +0.0050 ± 0.0071 | within the seed spread | " \
+           "+0.0150 ± 0.0071 | real | +0.1000 ± 0.0141 | ≈ | +0.2000 ± 0.0141 | ≈ |" in val
+    assert "| carry | 0.05 | 4.0000 ± 0.0071 (n=2) | +0.0000 ± 0.0071 | within the seed spread | " \
+           "+0.0100 ± 0.0071 | real | +0.0250 ± 0.0141 | closer | +0.0450 ± 0.0141 | closer |" in val
+    verdict = md.split("**Verdict on the goal (validation split):**")[1].split("\n## ")[0]
+    assert "- fresh, control vs (a) the original at N: α=0.05 +0.1050 (real) → does not stay within" in verdict
+    assert "- **warmup: goal not met** (control within the seed spread of the original at N: yes; converted " \
+           "models closer than with fresh state: no)." in verdict
+    assert "- **carry: goal met**" in verdict
+    assert "carry, control vs (b) the original continued: α=0.05 +0.0100 (real)" in verdict
+    # Fine-tuning from the groups sweep's models; an unfinished model is named, the ordering is checked per metric.
+    part3 = md.split("## Part 3")[1].split("\n## ")[0]
+    assert "runs of the `groups` sweep" in part3 and "Not finished for every seed: kv1-mean" in part3
+    assert "| MHA control | 2 | 40.50 ± 0.71 | 20.50 ± 0.71 | 40.50 ± 0.71 | 27.50 ± 0.71 |" in part3
+    # MHA (4.105) beats GQA-2 (4.205) on loss and ROUGE; on BLEU (27.5 vs 29.5) it is the other way round.
+    assert "| ROUGE-L | 1 | 0 | 0 |" in part3 and "| BLEU | 0 | 1 (MHA control vs GQA-2 mean) | 0 |" in part3
+    for png in ("pretrain_curve.png", "restart_control.png", "restart_gaps.png", "finetune_rougeL.png"):
+        assert (out.parent / "reproduction" / png).stat().st_size > 1000, png
+        assert f"reproduction/{png}" in md
+    csv_lines = (out.parent / "reproduction" / "restart_carry_results.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 9  # header + the 9 runs
+
+
+def test_continued_plan_is_the_sweeps_eval_command_at_saved_steps(tmp_path):
+    from gqa_uptrain import sweep
+    root = tmp_path / "root"
+    pre = tmp_path / "pre"
+    for st in (3000, 3150, 3500):
+        (pre / "checkpoints" / str(st) / "params").mkdir(parents=True)
+    (root / "mha_original").mkdir(parents=True)
+    (root / "mha_original" / "original.json").write_text(json.dumps({"source": str(pre), "step": 3000}))
+    with pytest.raises(FileNotFoundError, match="run the groups stage first"):
+        stages.continued_plan(root)
+    cfg = SweepConfig(source_checkpoint=str(root / "mha_original"), num_kv_heads=(1, 8), alphas=(0.0, 0.05, 0.1),
+                      seeds=(0,), extra_eval_splits=("python_docs",), eval_args=("--num_examples", "7", "--quiet"))
+    _sweep_root(root, "groups", cfg, {}, steps=3000)
+    warm = dataclasses.replace(cfg, alphas=(0.0, 0.05, 0.5 / 3))  # 500 steps: saved
+    _sweep_root(root, "restart_warmup", warm, {}, steps=3000)
+    plan = stages.continued_plan(root)
+    assert plan["steps"] == {"3000": [0.0], "3150": [0.05], "3500": [0.5 / 3]}
+    assert plan["unsaved"] == {"3300": [0.1]} and plan["splits"] == ["validation", "python_docs"]
+    # The same argv as the sweep's own eval stages, with the original run and --step instead of the uptrained model.
+    ours = [st.argv for st in stages.continued_stages(root, plan) if "3150" in st.argv]
+    theirs = [st.argv for st in sweep.run_stages(cfg, root / "groups", sweep.Run(1, "mean", 0.05, 0), 3000)
+              if st.name.startswith("eval")]
+    assert len(ours) == len(theirs) == 2
+
+    def norm(argv, ckpt, out):
+        a = list(argv)
+        a[a.index("--checkpoint") + 1] = "CKPT"
+        a[a.index("--output") + 1] = pathlib.Path(a[a.index("--output") + 1]).name
+        if "--step" in a:
+            del a[a.index("--step"):a.index("--step") + 2]
+        return sorted(a)
+    assert [norm(a, 0, 0) for a in ours] == [norm(a, 0, 0) for a in theirs]
+    assert ours[0][ours[0].index("--checkpoint") + 1] == str(pre) and "--step" in ours[0]
+    assert ours[1][ours[1].index("--output") + 1] == str(root / "continued" / "3150" / "eval_python_docs.json")
+    # A ROOT evaluated with other settings is refused before anything runs.
+    (root / "continued").mkdir()
+    (root / "continued" / "continued.json").write_text(json.dumps({**plan, "eval_args": ["--num_examples", "9"]}))
+    with pytest.raises(ValueError, match="was evaluated with other settings"):
+        stages.continued(root)
+
+
+def test_finetune_takes_the_groups_sweep_when_there_is_no_alpha_stage(tmp_path):
+    root = tmp_path / "root"
+    (root / "groups").mkdir(parents=True)
+    (root / "groups" / "sweep.json").write_text("{}")
+    assert stages.resolve_uptrain_sweep(root, "auto") == "groups"
+    assert stages.resolve_uptrain_sweep(root, "alpha") == "alpha"
+    (root / "alpha").mkdir()
+    (root / "alpha" / "sweep.json").write_text("{}")
+    assert stages.resolve_uptrain_sweep(root, "auto") == "alpha"
+    (root / "finetune").mkdir()
+    (root / "finetune" / "finetune.json").write_text(json.dumps({"uptrain_sweep": "groups"}))
+    assert stages.resolve_uptrain_sweep(root, "auto") == "groups"  # a resumed stage keeps its models
+    (root / "finetune" / "finetune.json").unlink()
+    done = root / "groups" / "runs" / "kv8-mean-a0.05-s0"
+    done.mkdir(parents=True)
+    (done / "train.done").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"no finished uptraining run kv2-svd-a0.05-s0: run the groups"):
+        stages.finetune(root, ["kv8-mean", "kv2-svd"], [0], 0.05, 2, 2, 4, uptrain_sweep="groups")
+    assert not (root / "finetune" / "finetune.json").exists()  # nothing written before the check
