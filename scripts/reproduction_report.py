@@ -161,7 +161,8 @@ def plot_gaps_vs_alpha(series: dict[str, list[tuple[float, dict]]], title: str, 
         ax.set_yscale("symlog", linthresh=TOL)
     ax.set(xlabel="uptraining fraction α (uptraining steps / pre-training steps)",
            ylabel=f"loss gap to MHA control ({UNIT})", title=title)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     save(fig, path, written)
 
 
@@ -177,6 +178,7 @@ def setup_section(root: pathlib.Path, original: pathlib.Path | None, sweeps: lis
     cfg = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
     pre = json.loads((src / "train_config.json").read_text()) if (src / "train_config.json").exists() else {}
     seeds = sorted({s for sw in sweeps for s in sw.seeds})
+    planned = sorted({s for sw in sweeps for s in sw.cfg.seeds})
     up = _first_train_config(sweeps)
     n_eval = _eval_examples(sweeps)
     total = sum(seconds.values())
@@ -206,7 +208,9 @@ def setup_section(root: pathlib.Path, original: pathlib.Path | None, sweeps: lis
     L += [f"- **Evaluation:** span-corruption loss ({UNIT}) on the first {n_eval} examples, noise fixed, of two "
           "held-out sets: the corpus validation split and a second set of English text outside the corpus "
           "(Python reference-manual prose, split `python_docs`; `gqa_uptrain/assets/corpus/README.md`).",
-          f"- **Seeds:** {', '.join(map(str, seeds)) or '–'} (read from the runs): each changes the uptraining data "
+          f"- **Seeds:** {', '.join(map(str, seeds)) or '–'} (read from the runs"
+          + (f"; configured: {', '.join(map(str, planned))}, the rest not finished yet" if planned != seeds else "")
+          + "): each changes the uptraining data "
           "order and noise and the `random` initialisation; α = 0 rows are deterministic except `random` and use "
           "one seed. Values are mean ± sample standard deviation over seeds.",
           "- **Rule:** a difference is called real only when it exceeds the sum of the two standard deviations; "
@@ -277,7 +281,8 @@ def pretrain_section(original: pathlib.Path | None, root: pathlib.Path, assets: 
     ax.plot([st for st, _ in curve], [v for _, v in curve], "o-", ms=2, label="validation loss (trainer's eval)")
     ax.axvline(used, color="red", ls="--", lw=1, label=f"original used: step {used}")
     if picked != used:
-        ax.axvline(picked, color="grey", ls=":", lw=1, label=f"length rule's choice: step {picked}")
+        ax.axvline(picked, color="grey", ls=":", lw=1, label=f"length rule's choice: step {picked}"
+                   + ("" if flattened else " (never flat: last saved step)"))
     ax.set(xlabel="pre-training step", ylabel=AXIS[VAL], title="pre-training curve of the original")
     ax.legend(fontsize=7)
     save(fig, assets / "pretrain_curve.png", written)
@@ -324,8 +329,16 @@ def pretrain_section(original: pathlib.Path | None, root: pathlib.Path, assets: 
     return L
 
 
+def started_not_finished(sw: Sweep, title: str) -> list[str]:
+    return ["", title, "", f"The `{sw.name}` stage has started (ROOT/{sw.name}/sweep.json) but none of its runs has "
+            "finished; re-run the report when it has."]
+
+
 def groups_section(g: Sweep, metric: str = VAL) -> list[str]:
     s, h = g.summary(metric), g.num_heads
+    if not s:
+        return started_not_finished(g, f"## Groups × uptraining fraction (mean pooling), {SPLIT_NAME[metric]}") \
+            if metric == VAL else []
     alphas = sorted({k[2] for k in s})
     kinds = sorted({k[0] for k in s}, reverse=True)
     bench = {kv: sweep.read_bench(g.root, kv) for kv in kinds}
@@ -374,8 +387,8 @@ def findings(g: Sweep | None, m: Sweep | None) -> list[str]:
                 L.append(f"- **Uptrained GQA between MQA and MHA (α={a:g}):** {name(q, h)} {G_['mean']:.4f}, MQA "
                          f"{M_['mean']:.4f}, MHA control {H_['mean']:.4f}; {name(q, h)} vs MQA: {compare(G_, M_)}, "
                          f"vs MHA: {compare(G_, H_)}.")
-        top = max(alphas)
-        if (h, "mean", 0.0) in s and (h, "mean", top) in s:
+        top = max(alphas, default=0.0)
+        if top > 0 and (h, "mean", 0.0) in s and (h, "mean", top) in s:
             c0, c1 = s[(h, "mean", 0.0)], s[(h, "mean", top)]
             L.append(f"- **The MHA control moves:** {c1['mean'] - c0['mean']:+.4f} from α=0 to α={top:g} "
                      f"({'real' if compare(c1, c0) != '≈' else 'within the spread'}), which is why every gap is "
@@ -387,11 +400,13 @@ def findings(g: Sweep | None, m: Sweep | None) -> list[str]:
             L.append(f"- **GQA speed close to MQA (decode step):** MHA {bench[h] * 1e3:.2f} ms, {name(gqa[0], h)} "
                      f"{bench[gqa[0]] * 1e3:.2f} ms, MQA {bench[1] * 1e3:.2f} ms; {name(gqa[0], h)} gets "
                      f"{frac * 100:.0f}% of MQA's saving → {'holds' if frac >= 0.5 else 'does not hold'}.")
-    return L
+    return L if len(L) > 3 else []
 
 
 def methods_section(m: Sweep, g: Sweep | None, metric: str = VAL) -> list[str]:
     s = m.summary(metric)
+    if not s:
+        return started_not_finished(m, "## Conversion method for MQA") if metric == VAL else []
     ctrl = g.summary(metric) if g is not None else {}
     alphas = sorted({k[2] for k in s})
     methods = sorted({k[1] for k in s}, key=lambda x: METHOD_ORDER.index(x) if x in METHOD_ORDER else 99)
@@ -410,6 +425,8 @@ def methods_section(m: Sweep, g: Sweep | None, metric: str = VAL) -> list[str]:
 
 def alpha_section(al: Sweep, assets: pathlib.Path, written: list) -> list[str]:
     s, h = al.summary(), al.num_heads
+    if not s:
+        return started_not_finished(al, "## Part 2: how much uptraining does each method need?")
     alphas = sorted({k[2] for k in s})
     cells = sorted({(k[0], k[1]) for k in s if k[0] != h}, key=lambda c: (c[0], METHOD_ORDER.index(c[1])
                                                                             if c[1] in METHOD_ORDER else 99))
@@ -675,7 +692,7 @@ def restart_section(root: pathlib.Path, arms: dict[str, Sweep], ctx: Context, as
         return L
     h = next(iter(arms.values())).num_heads
     n_steps = next((sw.original_steps for sw in arms.values() if sw.original_steps), None) or ctx.original_steps
-    L += ["", f"Reference (a): the original at step N = {n_steps} before any uptraining; reference (b): the original "
+    L += ([""] if L[-1] else []) + [f"Reference (a): the original at step N = {n_steps} before any uptraining; reference (b): the original "
           "run itself continued to step N + α·N with its own optimiser state (a saved pre-training checkpoint), "
           "i.e. what the same number of steps does without conversion or optimiser restart. Both are scored with "
           "the sweeps' eval command and splits (one deterministic evaluation each). Drift = MHA control after "
@@ -709,6 +726,7 @@ def restart_section(root: pathlib.Path, arms: dict[str, Sweep], ctx: Context, as
                      + (", ".join(f"{cont[st]:.4f} at step {st}" for st in ref_steps if st in cont)
                         or "not evaluated")
                      + ".")
+        table_at = len(L) + 1
         L += ["", "| arm | α | MHA control | drift vs (a) | verdict | drift vs (b) | verdict | "
               + " | ".join(f"{name(kv, h)} gap | vs fresh" for kv in kinds) + " |",
               "|---|---|---|---|---|---|---|" + "---|---|" * len(kinds)]
@@ -728,6 +746,8 @@ def restart_section(root: pathlib.Path, arms: dict[str, Sweep], ctx: Context, as
                 if metric == VAL:
                     plot_data.setdefault(arm, []).append((a, c))
                     verdict_lines.append((arm, a, da, db, vs))
+        if len(L) == table_at + 2:  # header only
+            L[table_at:] = ["No uptrained run (α > 0) has finished yet in any arm."]
     # The verdict, per arm, on the validation split (the issue's measure).
     L += ["", "**Verdict on the goal (validation split):**", ""]
     for arm in arms:

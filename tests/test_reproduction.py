@@ -415,3 +415,22 @@ def test_finetune_takes_the_groups_sweep_when_there_is_no_alpha_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no finished uptraining run kv2-svd-a0.05-s0: run the groups"):
         stages.finetune(root, ["kv8-mean", "kv2-svd"], [0], 0.05, 2, 2, 4, uptrain_sweep="groups")
     assert not (root / "finetune" / "finetune.json").exists()  # nothing written before the check
+
+
+def test_report_while_the_first_sweep_is_still_running(tmp_path):
+    """Only mha_original and a groups sweep with nothing finished: every part says what is missing, no crash."""
+    root = tmp_path / "root"
+    (root / "mha_original").mkdir(parents=True)
+    (root / "mha_original" / "original.json").write_text(json.dumps({"source": str(tmp_path / "nowhere"),
+                                                                     "step": 500}))
+    cfg = SweepConfig(source_checkpoint=str(root / "mha_original"), num_kv_heads=(1, 8), alphas=(0.0, 0.05),
+                      seeds=(0, 1))
+    _sweep_root(root, "groups", cfg, {}, steps=500)
+    out = tmp_path / "out" / "reproduction.md"
+    report.main([str(root), "--out", str(out)])
+    md = out.read_text()
+    assert "The `groups` stage has started (ROOT/groups/sweep.json) but none of its runs has finished" in md
+    assert "- fresh: no finished uptrained control yet." in md
+    assert "whose validation curve (metrics.jsonl with periodic eval) is not readable here" in md
+    assert "## Which of the paper's findings" not in md  # nothing to judge: no empty heading
+    assert md.count("*Not in this report:") == 6  # methods, warm-up, carried, continued, alpha, fine-tuning
