@@ -290,11 +290,16 @@ def pretrain_section(original: pathlib.Path | None, root: pathlib.Path, assets: 
     L = head + [
         f"Validation loss of the pre-training run `{original}` from the trainer's periodic eval (metrics.jsonl"
         + (f", every {step_ev} steps" if step_ev else "")
-        + (f", {pre['eval_examples']} examples" if pre.get("eval_examples") else "") + "; not the sweeps' eval "
-        f"command, so its values are not on the sweeps' scale) up to step {last}: "
+        + (f", {pre['eval_examples']} examples" if pre.get("eval_examples") else "") + f") up to step {last}: "
         f"{curve[0][1]:.4f} at step {curve[0][0]}, {losses.get(used, float('nan')):.4f} at step {used}, "
         f"{curve[-1][1]:.4f} at step {last}. Rule: the first saved step whose next {window} steps improve the loss by "
         f"less than {flat:g} nats per 1000 steps (least-squares slope over the window)."]
+    same = read_continued(root, VAL).get(used)
+    if same is not None and used in losses:
+        d = same - losses[used]
+        L.append(f"At step {used} the sweeps' eval command (ROOT/continued) gives {same:.4f}, "
+                 + ("the same as this curve (to 0.0001 nats), so the curve and the sweeps' tables are on one scale."
+                    if abs(d) < 5e-5 else f"{d:+.4f} from this curve: compare the curve only with itself."))
     if opt.get("schedule") == "rsqrt":
         w = opt.get("warmup_steps", 0)
         L.append(f"The schedule is rsqrt with {w} warm-up steps (learning rate constant up to step {w}, then "

@@ -326,6 +326,8 @@ def test_report_from_a_subset_of_stages(tmp_path):
     assert ("slope -0.0500 nats / 1000 steps over the 1000 steps before it, -0.0500 over the 1000 after it; at the "
             "end of the curve (steps 3000–4000) -0.0500") in md
     assert "| 3000 **(used)** |" in md and "| 4000 (rule) |" in md
+    # The curve (4.85 at 3000) against the sweeps' eval command at N (ROOT/continued: 4.0).
+    assert "At step 3000 the sweeps' eval command (ROOT/continued) gives 4.0000, -0.8500 from this curve" in md
     # Part 1, validation split: references (a) 4.0 and (b) 3.99 at step 3150.
     val = md.split("### validation split")[1].split("###")[0]
     assert "Reference (a) = 4.0000 (the original checkpoint); the identity-converted control at α = 0 scores " \
