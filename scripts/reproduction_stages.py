@@ -238,9 +238,15 @@ def resolve_uptrain_sweep(root: pathlib.Path, requested: str) -> str:
     if requested != "auto":
         return requested
     spec = root / "finetune" / "finetune.json"
-    if spec.exists():
+    if spec.exists() and _finetune_started(root / "finetune"):
         return json.loads(spec.read_text())["uptrain_sweep"]
     return "alpha" if (root / "alpha" / "sweep.json").exists() else "groups"
+
+
+def _finetune_started(base: pathlib.Path) -> bool:
+    """Has any fine-tuning run begun? (A finetune.json alone is a stage that stopped before training, e.g. an
+    older version that recorded its settings before finding its uptrained models missing.)"""
+    return (base / "runs").is_dir() and any((base / "runs").iterdir())
 
 
 def finetune(root: pathlib.Path, models: list[str], seeds: list[int], alpha: float, steps: int, batch: int,
@@ -265,7 +271,7 @@ def finetune(root: pathlib.Path, models: list[str], seeds: list[int], alpha: flo
     spec = {"models": models, "seeds": seeds, "alpha": alpha, "steps": steps, "batch": batch,
             "eval_examples": eval_examples, "uptrain_sweep": uptrain_sweep, "extra": list(extra)}
     spec_path = base / "finetune.json"
-    if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
+    if spec_path.exists() and json.loads(spec_path.read_text()) != spec and _finetune_started(base):
         raise ValueError(f"{base} holds a fine-tuning stage with other settings (see {spec_path}); use another ROOT")
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
     env = dict(os.environ)

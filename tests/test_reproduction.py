@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -261,15 +262,13 @@ def _subset_root(tmp_path):
     rule's choice (its last step, 4000) with 3000."""
     root = _synthetic_root(tmp_path)
     for d in ("alpha", "finetune"):
-        import shutil
         shutil.rmtree(root / d)
     pre = tmp_path / "pre"
     (pre / "metrics.jsonl").write_text("".join(json.dumps({"split": "eval", "step": s, "loss": 5.0 - 5e-5 * s}) + "\n"
                                                for s in range(250, 4001, 250)))
     (root / "length.json").write_text(json.dumps({"step": 4000, "flattened": False, "flat": 0.02, "window": 1000}))
-    for f in ("groups", ):
-        spec = json.loads((root / f / "sweep.json").read_text())
-        (root / f / "sweep.json").write_text(json.dumps({**spec, "original_steps": 3000}))
+    spec = json.loads((root / "groups" / "sweep.json").read_text())
+    (root / "groups" / "sweep.json").write_text(json.dumps({**spec, "original_steps": 3000}))
     cfg = SweepConfig(source_checkpoint=str(root / "mha_original"), num_kv_heads=(1, 2, 8), alphas=(0.0, 0.05),
                       seeds=(3, 5), extra_eval_splits=("python_docs",))
     # warm-up: the control moves by less than its spread, converted models as with fresh state.
@@ -409,8 +408,10 @@ def test_finetune_takes_the_groups_sweep_when_there_is_no_alpha_stage(tmp_path):
     assert stages.resolve_uptrain_sweep(root, "auto") == "alpha"
     (root / "finetune").mkdir()
     (root / "finetune" / "finetune.json").write_text(json.dumps({"uptrain_sweep": "groups"}))
+    assert stages.resolve_uptrain_sweep(root, "auto") == "alpha"  # settings only, no run begun: not binding
+    (root / "finetune" / "runs" / "kv8-mean-s0").mkdir(parents=True)
     assert stages.resolve_uptrain_sweep(root, "auto") == "groups"  # a resumed stage keeps its models
-    (root / "finetune" / "finetune.json").unlink()
+    shutil.rmtree(root / "finetune")
     done = root / "groups" / "runs" / "kv8-mean-a0.05-s0"
     done.mkdir(parents=True)
     (done / "train.done").write_text("")
