@@ -720,7 +720,8 @@ def restart_section(root: pathlib.Path, arms: dict[str, Sweep], ctx: Context, as
         alphas = sorted({k[2] for sm in sums.values() for k in sm if k[2] > 0})
         kinds = [kv for kv in sorted({k[0] for sm in sums.values() for k in sm}, reverse=True) if kv != h]
         L += ["", f"### {SPLIT_NAME[metric]}", ""]
-        ref_steps = [n_steps + uptrain_steps(a, n_steps) for a in alphas] if n_steps else []
+        grid = sorted({a for sw in arms.values() for a in sw.cfg.alphas if a > 0})
+        ref_steps = [n_steps + uptrain_steps(a, n_steps) for a in grid] if n_steps else []
         if base_a is None:
             L.append("Reference (a) is missing (no continued eval at N and no α = 0 control).")
         else:
