@@ -156,6 +156,10 @@ has_stage restart && continued
 
 if has_stage report; then
   continued
+  rerun=()  # settings the report repeats in the command it gives for each stage not yet run
+  for v in SWEEP_GIN SWEEP_ARGS TRAIN_ARGS PARALLEL; do
+    [ -n "${!v:-}" ] && [ "$v=${!v}" != "PARALLEL=1" ] && rerun+=(--rerun_env "$v=${!v}")
+  done
   "$PY" scripts/reproduction_report.py "$ROOT" --out "$REPORT_OUT" --original "$ORIGINAL" \
-    ${OTHER_ROOT:+--other_root "$OTHER_ROOT"}
+    ${OTHER_ROOT:+--other_root "$OTHER_ROOT"} "${rerun[@]}"
 fi

@@ -68,10 +68,13 @@ class Context:
     original: pathlib.Path | None
     original_steps: int | None
     seeds: list[int]
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # SWEEP_GIN etc. the caller ran with
 
     def command(self, stages: str, **env: str) -> str:
         """The scripts/reproduce_paper.sh call that runs `stages` (then the report) on this ROOT."""
+        import shlex
         parts = [f"ORIGINAL={self.original or '<pre-training MODEL_DIR>'}"]
+        parts += [f"{k}={shlex.quote(v)}" for k, v in self.env.items() if k not in env]
         if self.original_steps is not None:
             parts.append(f"ORIGINAL_STEPS={self.original_steps}")
         if self.seeds:
@@ -771,7 +774,11 @@ def restart_section(root: pathlib.Path, arms: dict[str, Sweep], ctx: Context, as
                      + "; ".join(f"α={a:g} {d['mean']:+.4f} ({moved(d)})" for a, d in judged)
                      + f" → {'moves by less than the seed spread' if ok else 'does not stay within the seed spread'}.")
         if arm != "fresh":
-            cmp_ = [(a, kv, v) for _, a, _, _, vs in rows for kv, v in vs.items()]
+            cmp_ = [(a, kv, v) for _, a, _, _, vs in rows for kv, v in vs.items() if v != "–"]
+            absent = sorted({name(kv, h) for _, _, _, _, vs in rows for kv, v in vs.items() if v == "–"})
+            if absent:
+                L.append(f"- {arm}: no {' / '.join(absent)} runs to compare with fresh state (not in its grid or "
+                         "not finished).")
             if cmp_:
                 ok = all(v == "closer" for *_, v in cmp_)
                 L.append(f"- {arm}, converted models vs fresh state: "
@@ -866,7 +873,13 @@ def main(argv: list[str] | None = None) -> None:
                          "each real difference keeps its order there")
     ap.add_argument("--original", type=pathlib.Path, default=None,
                     help="the long pre-training MODEL_DIR (default: read from ROOT/mha_original/original.json)")
+    ap.add_argument("--rerun_env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment setting the stages ran with (e.g. SWEEP_GIN=...), repeated in the command "
+                         "each missing part gives (scripts/reproduce_paper.sh passes its SWEEP_GIN, SWEEP_ARGS, "
+                         "TRAIN_ARGS and PARALLEL)")
     args = ap.parse_args(argv)
+    if any("=" not in kv for kv in args.rerun_env):
+        raise SystemExit(f"error: --rerun_env takes NAME=VALUE, got {args.rerun_env}")
     root = args.root.absolute()
     if not root.is_dir():
         raise SystemExit(f"error: {root} is not a directory (the ROOT given to scripts/reproduce_paper.sh)")
@@ -885,7 +898,8 @@ def main(argv: list[str] | None = None) -> None:
     sweeps = [sw for sw in (g, m, al) if sw is not None]
     used = json.loads(prov_path.read_text())["step"] if prov_path.exists() else None
     seeds = list(next((sw.cfg.seeds for sw in sweeps_by.values()), ()))
-    ctx = Context(root, original, used, seeds)
+    rerun_env = dict(kv.split("=", 1) for kv in args.rerun_env)
+    ctx = Context(root, original, used, seeds, rerun_env)
     seconds = json.loads((root / "stage_seconds.json").read_text()) if (root / "stage_seconds.json").exists() else {}
     L = setup_section(root, original, sweeps, seconds)
     L.append("- **Stages in this report:** " + (", ".join(sweeps_by) or "no sweep")
