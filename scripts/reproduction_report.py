@@ -402,7 +402,7 @@ def findings(g: Sweep | None, m: Sweep | None) -> list[str]:
                      f"({'real' if compare(c1, c0) != '≈' else 'within the spread'}), which is why every gap is "
                      "taken against the control at the same α; part 1 separates the optimiser restart from the "
                      "pre-training the original would have done in those steps anyway.")
-        bench = {kv: sweep.read_bench(g.root, kv).get("incremental_step_s") for kv in kinds}
+        bench = {kv: sweep.read_bench(g.root, kv).get("incremental_step_s") for kv in (h, 1, *gqa[:1])}
         if gqa and all(bench.values()):
             frac = (bench[h] - bench[gqa[0]]) / max(bench[h] - bench[1], 1e-12)
             L.append(f"- **GQA speed close to MQA (decode step):** MHA {bench[h] * 1e3:.2f} ms, {name(gqa[0], h)} "
@@ -756,7 +756,7 @@ def restart_section(root: pathlib.Path, arms: dict[str, Sweep], ctx: Context, as
                     plot_data.setdefault(arm, []).append((a, c))
                     verdict_lines.append((arm, a, da, db, vs))
         if len(L) == table_at + 2:  # header only
-            L[table_at:] = ["No uptrained run (α > 0) has finished yet in any arm."]
+            L[table_at:] = ["No uptrained MHA control (α > 0) has finished yet in any arm: no drift or gap yet."]
     # The verdict, per arm, on the validation split (the measure).
     L += ["", "**Verdict on the goal (validation split):**", ""]
     for arm in arms:
