@@ -428,13 +428,24 @@ def test_report_while_the_first_sweep_is_still_running(tmp_path):
     (root / "mha_original").mkdir(parents=True)
     (root / "mha_original" / "original.json").write_text(json.dumps({"source": str(tmp_path / "nowhere"),
                                                                      "step": 500}))
-    cfg = SweepConfig(source_checkpoint=str(root / "mha_original"), num_kv_heads=(1, 8), alphas=(0.0, 0.05),
+    cfg = SweepConfig(source_checkpoint=str(root / "mha_original"), num_kv_heads=(1, 2, 8), alphas=(0.0, 0.05),
                       seeds=(0, 1))
     _sweep_root(root, "groups", cfg, {}, steps=500)
     out = tmp_path / "out" / "reproduction.md"
     report.main([str(root), "--out", str(out)])
     md = out.read_text()
     assert "The `groups` stage has started (ROOT/groups/sweep.json) but none of its runs has finished" in md
+    # Later: the decode benchmarks and the converted GQA-2 / MQA models are done, the MHA control is not.
+    shutil.rmtree(root / "groups")
+    _sweep_root(root, "groups", cfg, {"kv1-mean-a0-s0": 6.0, "kv2-mean-a0-s0": 5.5}, steps=500)
+    for g, t in ((1, 0.8e-3), (2, 1.0e-3), (8, 1.5e-3)):
+        (root / "groups" / "bench" / f"kv{g}").mkdir(parents=True)
+        (root / "groups" / "bench" / f"kv{g}" / "decode_x.json").write_text(json.dumps(
+            {"ours": [{"kv_heads": g, "incremental_step_s": t, "time_per_sample_s": 10 * t}]}))
+    report.main([str(root), "--out", str(out)])
+    md = out.read_text()
+    assert "GQA-2 gets 71% of MQA's saving → holds" in md  # (1.5 - 1.0) / (1.5 - 0.8)
+    assert "| GQA-2 | 5.5000 ± 0.0000 (n=1) | 10.0 | 1.00 | 0.25× |" in md  # only α = 0 has finished
     assert "- fresh: no finished uptrained control yet." in md
     assert "whose validation curve (metrics.jsonl with periodic eval) is not readable here" in md
     assert "## Which of the paper's findings" not in md  # nothing to judge: no empty heading
