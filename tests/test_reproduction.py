@@ -435,6 +435,10 @@ def test_report_while_the_first_sweep_is_still_running(tmp_path):
     report.main([str(root), "--out", str(out)])
     md = out.read_text()
     assert "The `groups` stage has started (ROOT/groups/sweep.json) but none of its runs has finished" in md
+    assert "- fresh: no finished uptrained control yet." in md
+    assert "whose validation curve (metrics.jsonl with periodic eval) is not readable here" in md
+    assert "## Which of the paper's findings" not in md  # nothing to judge: no empty heading
+    assert md.count("*Not in this report:") == 6  # methods, warm-up, carried, continued, alpha, fine-tuning
     # Later: the decode benchmarks and the converted GQA-2 / MQA models are done, the MHA control is not.
     shutil.rmtree(root / "groups")
     _sweep_root(root, "groups", cfg, {"kv1-mean-a0-s0": 6.0, "kv2-mean-a0-s0": 5.5}, steps=500)
@@ -446,7 +450,3 @@ def test_report_while_the_first_sweep_is_still_running(tmp_path):
     md = out.read_text()
     assert "GQA-2 gets 71% of MQA's saving → holds" in md  # (1.5 - 1.0) / (1.5 - 0.8)
     assert "| GQA-2 | 5.5000 ± 0.0000 (n=1) | 10.0 | 1.00 | 0.25× |" in md  # only α = 0 has finished
-    assert "- fresh: no finished uptrained control yet." in md
-    assert "whose validation curve (metrics.jsonl with periodic eval) is not readable here" in md
-    assert "## Which of the paper's findings" not in md  # nothing to judge: no empty heading
-    assert md.count("*Not in this report:") == 6  # methods, warm-up, carried, continued, alpha, fine-tuning
