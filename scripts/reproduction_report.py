@@ -145,9 +145,12 @@ def save(fig, path: pathlib.Path, written: list[pathlib.Path]) -> None:
 
 
 def plot_gaps_vs_alpha(series: dict[str, list[tuple[float, dict]]], title: str, path: pathlib.Path,
-                       written: list, log_x: bool = False, tol: float | None = None, symlog_y: bool = False) -> None:
+                       written: list, log_x: bool = False, tol: float | None = None, symlog_y: bool = False) -> bool:
     """Gap to the MHA control against α (α > 0 only: the conversion-only gaps are orders of magnitude larger and
-    would flatten the differences this plot is about; they are in the tables), error bars = summed seed spreads."""
+    would flatten the differences this plot is about; they are in the tables), error bars = summed seed spreads.
+    False (and no file) when there is no gap to plot yet."""
+    if not any(a > 0 and g is not None for pts in series.values() for a, g in pts):
+        return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in series.items():
@@ -167,6 +170,7 @@ def plot_gaps_vs_alpha(series: dict[str, list[tuple[float, dict]]], title: str, 
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     save(fig, path, written)
+    return True
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -474,9 +478,9 @@ def alpha_section(al: Sweep, assets: pathlib.Path, written: list) -> list[str]:
                          f"({pts[0]['mean']:.4f}) beyond the spread at α = {', '.join(f'{a:g}' for a in worse)}.")
     for kv in sorted({c[0] for c in cells}):
         series = {meth: [(a, gap(s, (kv, meth, a), h)) for a in alphas] for (k, meth) in cells if k == kv}
-        plot_gaps_vs_alpha(series, f"{name(kv, h)}: gap to MHA control vs α",
-                           assets / f"alpha_gap_kv{kv}.png", written, log_x=True, tol=TOL, symlog_y=True)
-        L.append(f"\n![{name(kv, h)} gap vs α](reproduction/alpha_gap_kv{kv}.png)")
+        if plot_gaps_vs_alpha(series, f"{name(kv, h)}: gap to MHA control vs α",
+                              assets / f"alpha_gap_kv{kv}.png", written, log_x=True, tol=TOL, symlog_y=True):
+            L.append(f"\n![{name(kv, h)} gap vs α](reproduction/alpha_gap_kv{kv}.png)")
     return L
 
 
@@ -789,7 +793,7 @@ def restart_section(root: pathlib.Path, arms: dict[str, Sweep], ctx: Context, as
                          f"the original at N: {'yes' if okc else 'no'}; converted models closer than with fresh "
                          f"state: {'yes' if ok else 'no'}).")
     # Plot: the control's loss against α per arm, with references (a) and (b).
-    if plot_data:
+    if any(c is not None for pts in plot_data.values() for _, c in pts):
         cont = read_continued(root, VAL)
         plt = _plt()
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -811,9 +815,9 @@ def restart_section(root: pathlib.Path, arms: dict[str, Sweep], ctx: Context, as
         alphas = sorted({a for pts in plot_data.values() for a, _ in pts})
         series = {f"{arm} {name(kv, h)}": [(a, gap(sw.summary(), (kv, "mean", a), h)) for a in alphas]
                   for arm, sw in arms.items() for kv in sorted({k[0] for k in sw.summary()}) if kv != h}
-        plot_gaps_vs_alpha(series, "gap to MHA control per optimiser-restart arm", assets / "restart_gaps.png",
-                           written)
-        L.append("![restart gaps](reproduction/restart_gaps.png)")
+        if plot_gaps_vs_alpha(series, "gap to MHA control per optimiser-restart arm", assets / "restart_gaps.png",
+                              written):
+            L.append("![restart gaps](reproduction/restart_gaps.png)")
     return L
 
 
@@ -826,9 +830,9 @@ def gap_plots(g: Sweep | None, m: Sweep | None, assets: pathlib.Path, written: l
             series = {name(kv, h): [(a, gap(s, (kv, "mean", a), h)) for a in alphas]
                       for kv in sorted({k[0] for k in s}) if kv != h}
             tag = "val" if metric == VAL else "docs"
-            plot_gaps_vs_alpha(series, f"groups: gap to MHA control ({SPLIT_NAME[metric]})",
-                               assets / f"groups_gap_{tag}.png", written)
-            L.append(f"![groups gap {tag}](reproduction/groups_gap_{tag}.png)")
+            if plot_gaps_vs_alpha(series, f"groups: gap to MHA control ({SPLIT_NAME[metric]})",
+                                  assets / f"groups_gap_{tag}.png", written):
+                L.append(f"![groups gap {tag}](reproduction/groups_gap_{tag}.png)")
     if m is not None and g is not None:
         s = {**g.summary(), **m.summary()}
         h = m.num_heads

@@ -449,4 +449,5 @@ def test_report_while_the_first_sweep_is_still_running(tmp_path):
     report.main([str(root), "--out", str(out)])
     md = out.read_text()
     assert "GQA-2 gets 71% of MQA's saving → holds" in md  # (1.5 - 1.0) / (1.5 - 0.8)
+    assert "groups_gap_val.png" not in md and not (out.parent / "reproduction" / "groups_gap_val.png").exists()
     assert "| GQA-2 | 5.5000 ± 0.0000 (n=1) | 10.0 | 1.00 | 0.25× |" in md  # only α = 0 has finished
