@@ -347,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "original":
         materialize_original(args.original, args.step, args.out)
     elif args.cmd == "continued":
-        continued(args.root, args.original)
+        try:
+            continued(args.root, args.original)
+        except (FileNotFoundError, ValueError) as e:  # bad ROOT: one line, not a traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     else:
         finetune(args.root, [x for x in args.models.split(",") if x], _ints(args.seeds), args.alpha, args.steps,
                  args.batch, args.eval_examples, args.uptrain_sweep, tuple(args.extra))
