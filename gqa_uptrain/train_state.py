@@ -93,6 +93,11 @@ def check_save_steps(save_steps: tuple[int, ...], train_steps: int) -> None:
                          f"got {bad[0]}")
 
 
+def uptrain_steps(fraction: float, original_steps: int) -> int:
+    """The length of a run with UPTRAIN_FRACTION = fraction of ORIGINAL_STEPS (at least one step)."""
+    return max(1, int(round(fraction * original_steps)))
+
+
 def resolve_length(cfg: "TrainConfig", source_manifest: Manifest | None) -> tuple[int, int | None]:
     """(train_steps, original_steps): explicit TRAIN_STEPS wins; else round(alpha * original_steps), with
     ORIGINAL_STEPS or else the pre-training step INITIAL_CHECKPOINT's manifest records."""
@@ -102,7 +107,7 @@ def resolve_length(cfg: "TrainConfig", source_manifest: Manifest | None) -> tupl
     if original is None:
         raise ValueError("UPTRAIN_FRACTION needs the original pre-training steps: set ORIGINAL_STEPS, or use an "
                          "INITIAL_CHECKPOINT whose manifest.json records its source step")
-    return max(1, int(round(cfg.uptrain_fraction * original))), original
+    return uptrain_steps(cfg.uptrain_fraction, original), original
 
 
 def describe_run(cfg: "TrainConfig", train_steps: int, original_steps: int | None, mesh_shape: Mapping[str, int],

@@ -91,3 +91,132 @@ def test_save_steps_beyond_the_resolved_length_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"SAVE_STEPS\) must be steps in 1\.\.5 \(the run's length\), got 9"):
         train(ModelConfig(**TINY), cfg)
     assert not list((tmp_path / "run").glob("checkpoints/*"))
+
+
+def _tiny_sweep(src: pathlib.Path, share: bool, alphas=(0.02, 0.04)) -> SweepConfig:
+    return SweepConfig(
+        source_checkpoint=str(src), num_kv_heads=(1,), methods=("mean",), alphas=alphas, seeds=(0,),
+        share_alpha_runs=share, bench=False, extra_eval_splits=("python_docs",),
+        train_bindings=("--gin.BATCH_SIZE=4", "--gin.INPUTS_LENGTH=32", "--gin.TARGETS_LENGTH=8",
+                        "--gin.EVAL_EVERY=0", "--gin.SAVE_EVERY=1000000", "--gin.TrainConfig.tensorboard=False",
+                        "--no_progress"),
+        eval_args=("--num_examples", "8", "--max_input_length", "32", "--max_target_length", "8", "--quiet"))
+
+
+def _rows(root: pathlib.Path) -> dict[str, dict]:
+    return {r["run_id"]: r for r in sweep.collect_rows(root)}
+
+
+@pytest.fixture
+def stages_in_process(monkeypatch):
+    """Run the sweep's CLI stages in this process (same commands, without a Python start-up and imports each:
+    a tenth of the wall time). One at a time: gin's configuration is global."""
+    import contextlib
+
+    from gqa_uptrain import preemption
+    from gqa_uptrain.cli import main
+    monkeypatch.setattr(preemption, "install", lambda *a: None)  # signal handlers need the main thread
+
+    def run(self, env):
+        if self.done.exists():
+            return
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            rc = main(self.argv[3:])
+        assert rc == 0, self.log.read_text()[-2000:]
+        if not self.done.exists():
+            self.done.write_text("t\n")
+    monkeypatch.setattr(sweep.Stage, "run", run)
+
+
+def test_shared_alpha_sweep_gives_the_rows_of_separate_runs(tmp_path, stages_in_process):
+    """The key property: a prefix sweep's rows equal those of one training per α (same keys, same run ids, same
+    numbers), and the other root's runs can be reused from it."""
+    src = _source(tmp_path / "src")
+    sweep.run_sweep(_tiny_sweep(src, share=False), tmp_path / "separate", log=lambda m: None)
+    lines: list[str] = []
+    sweep.run_sweep(_tiny_sweep(src, share=True), tmp_path / "shared", log=lines.append)
+    assert "1 runs" not in lines[0] and "(1 shared trainings)" in lines[0]
+    sep, sha = _rows(tmp_path / "separate"), _rows(tmp_path / "shared")
+    assert set(sep) == set(sha) == {"kv1-mean-a0.02-s0", "kv1-mean-a0.04-s0"}
+    for run_id in sep:
+        assert sep[run_id].keys() == sha[run_id].keys()
+        assert {"eval.metrics.loss", "eval_python_docs.metrics.loss", "eval.step"} <= set(sep[run_id])
+        for k, v in sep[run_id].items():
+            assert sha[run_id][k] == (pytest.approx(v, rel=1e-6, abs=1e-7) if isinstance(v, float) else v), k
+    assert sha["kv1-mean-a0.02-s0"]["eval.step"] == 2 and sha["kv1-mean-a0.04-s0"]["eval.step"] == 4
+    # α points differ from each other (the test can fail), and the results files exist as before.
+    assert sha["kv1-mean-a0.02-s0"]["eval.metrics.loss"] != sha["kv1-mean-a0.04-s0"]["eval.metrics.loss"]
+    assert (tmp_path / "shared" / "results.csv").read_text().splitlines()[0] == \
+        (tmp_path / "separate" / "results.csv").read_text().splitlines()[0]
+
+    # One training, to the largest α, kept at every α's step; each point is a run directory of its step only.
+    trunk = tmp_path / "shared" / "shared" / "kv1-mean-s0"
+    assert (trunk / "train-4.done").exists() and not (tmp_path / "separate" / "shared").exists()
+    for run_id, step in (("kv1-mean-a0.02-s0", 2), ("kv1-mean-a0.04-s0", 4)):
+        d = tmp_path / "shared" / "runs" / run_id
+        assert [p.name for p in (d / "train" / "checkpoints").iterdir()] == [str(step)]
+        assert json.loads((d / "trained_in.json").read_text()) == {
+            "model_dir": str(trunk / "train"), "step": step, "train_steps": 4}
+        tc = json.loads((d / "train" / "train_config.json").read_text())
+        assert tc["resolved_train_steps"] == step and tc["uptrain_fraction"] == float(run_id.split("-a")[1][:4])
+        assert (d / "converted").resolve() == (trunk / "converted").resolve()
+        assert not (d / "train.log").exists()  # never trained here
+
+    # Reuse both ways: a shared root's points link into a separate sweep and vice versa, nothing recomputed.
+    for other, mine in (("shared", "from_shared"), ("separate", "from_separate")):
+        cfg = _tiny_sweep(src, share=mine == "from_separate")
+        sweep.run_sweep(cfg, tmp_path / mine, reuse=[tmp_path / other], log=lines.append)
+        assert _rows(tmp_path / mine) == _rows(tmp_path / other)
+        assert not list((tmp_path / mine).glob("**/*.log"))
+
+
+def test_shared_training_stops_at_the_largest_alpha_not_reused(tmp_path):
+    """--reuse of finished α points shortens the shared training to the largest step still needed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    from gqa_uptrain.checkpoint import write_config_files
+    from gqa_uptrain.config import ModelConfig
+    write_config_files(src, ModelConfig(**TINY))
+    (src / "manifest.json").write_text(json.dumps({"step": ORIGINAL_STEPS}))
+    other = tmp_path / "other"
+    (other / "runs").mkdir(parents=True)
+    (other / "sweep.json").write_text(json.dumps({"config": dataclasses.asdict(_tiny_sweep(src, False)),
+                                                  "num_heads": 4, "original_steps": ORIGINAL_STEPS}))
+    for run_id in ("kv1-mean-a0.02-s0", "kv1-mean-a0.04-s0"):
+        d = other / "runs" / run_id
+        (d / "converted").mkdir(parents=True)
+        (d / "converted" / "config.json").write_text("{}")
+        (d / "train").mkdir()
+        (d / "train.done").write_text("t\n")
+    lines: list[str] = []
+    cfg = _tiny_sweep(src, share=True, alphas=(0.0, 0.01, 0.02, 0.04))
+    sweep.run_sweep(cfg, tmp_path / "sw", dry_run=True, reuse=[other], log=lines.append)
+    text = "\n".join(lines)
+    assert "--gin.TRAIN_STEPS=1 --gin.SAVE_STEPS=(1,)" in text
+    assert "[kv1-mean-a0.04-s0] reuse:" in text and "[kv1-mean-a0.01-s0] todo: keep step 1 of" in text
+    assert "[kv1-mean-a0-s0] todo: gqa_uptrain convert" in text  # α = 0 stays its own conversion and eval
+    assert not (tmp_path / "sw").exists()  # a dry run writes nothing
+    # Without reuse: one training to step 4 keeping 1, 2 and 4, then keep + 2 evals per point.
+    lines.clear()
+    sweep.run_sweep(cfg, tmp_path / "sw", dry_run=True, log=lines.append)
+    text = "\n".join(lines)
+    assert text.count("gqa_uptrain train") == 1 and "--gin.TRAIN_STEPS=4 --gin.SAVE_STEPS=(1, 2, 4,)" in text
+    assert text.count("todo: keep step") == 3 and text.count("--task gqa_span_corruption") == 8
+    assert not (tmp_path / "sw").exists()
+
+
+def test_share_alpha_runs_refuses_what_it_cannot_do_exactly(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    from gqa_uptrain.checkpoint import write_config_files
+    from gqa_uptrain.config import ModelConfig
+    write_config_files(src, ModelConfig(**TINY))
+    (src / "manifest.json").write_text(json.dumps({"step": ORIGINAL_STEPS}))
+    cfg = _tiny_sweep(src, share=True)
+    with pytest.raises(ValueError, match="share_alpha_runs needs --launcher local"):
+        sweep.run_sweep(cfg, tmp_path / "sw", dry_run=True, launcher="slurm", log=lambda m: None)
+    bad = dataclasses.replace(cfg, train_bindings=(*cfg.train_bindings, "--gin.TRAIN_STEPS=10"))
+    with pytest.raises(ValueError, match="train binding '--gin.TRAIN_STEPS=10' sets the run's length"):
+        sweep.run_sweep(bad, tmp_path / "sw", dry_run=True, log=lambda m: None)
+    assert not (tmp_path / "sw").exists()
