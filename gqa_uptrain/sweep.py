@@ -13,6 +13,8 @@ Layout:
   ROOT/runs/<run_id>/eval_<split>.json  the same loss on each of SweepConfig.extra_eval_splits (e.g. a second
                                       held-out set)
   ROOT/runs/<run_id>/<stage>.log      each stage's output
+  ROOT/shared/kv<G>-<method>-s<seed>/ with share_alpha_runs: the one conversion and training the runs that differ
+                                      only in α are cut from (see "prefix mode" below, docs/sweep.md)
   ROOT/bench/kv<G>/decode_*.json      time per sample for each G (model shape only; shared by runs)
   ROOT/results.csv, results.md, *.png the aggregation
 
