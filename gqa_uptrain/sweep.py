@@ -577,6 +577,9 @@ def jobs_of(root: str | os.PathLike) -> list[tuple[str, list[Stage]]]:
     """The chains of an existing sweep directory, from its sweep.json."""
     root = pathlib.Path(root).absolute()
     cfg, spec = _read_spec(root)
+    if cfg.share_alpha_runs:
+        raise ValueError(f"{root} is a share_alpha_runs sweep, which runs with the local launcher only: it has no "
+                         "SLURM jobs (re-run it locally to continue it)")
     return sweep_jobs(cfg, root, expand_grid(cfg, spec["num_heads"]), spec["original_steps"])
 
 

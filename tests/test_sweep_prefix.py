@@ -48,11 +48,11 @@ def test_uptraining_prefix_equals_shorter_run_bitwise(tmp_path):
     def run(name: str, alpha: float, **kw) -> pathlib.Path:
         cfg = TrainConfig(model_dir=str(tmp_path / name), inputs_length=32, targets_length=8, batch_size=4,
                           uptrain_fraction=alpha, initial_checkpoint=str(src), continue_schedule=True,
-                          eval_every=1000, eval_examples=4, log_every=2, progress=False, tensorboard=False, **kw)
+                          eval_every=0, log_every=2, progress=False, tensorboard=False, **kw)
         train(model, cfg)
         return tmp_path / name
 
-    short = run("short", 0.03)  # 3 steps; its last step logs, evaluates and saves
+    short = run("short", 0.03)  # 3 steps; its last step logs and saves
     # 6 steps saving every step but keeping only the newest: SAVE_STEPS must survive rotation.
     long = run("long", 0.06, save_steps=(2, 3), save_every=1, keep_checkpoints=1)
     plain = run("plain", 0.06)
@@ -220,3 +220,9 @@ def test_share_alpha_runs_refuses_what_it_cannot_do_exactly(tmp_path):
     with pytest.raises(ValueError, match="train binding '--gin.TRAIN_STEPS=10' sets the run's length"):
         sweep.run_sweep(bad, tmp_path / "sw", dry_run=True, log=lambda m: None)
     assert not (tmp_path / "sw").exists()
+    # A shared root has no SLURM jobs to show or wait for.
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "num_heads": 4,
+                                                           "original_steps": ORIGINAL_STEPS}))
+    with pytest.raises(ValueError, match="share_alpha_runs sweep, which runs with the local launcher only"):
+        sweep.slurm_status(tmp_path / "sw")
