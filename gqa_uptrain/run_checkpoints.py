@@ -23,12 +23,18 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def checkpoint_manager(model_dir: pathlib.Path, keep: int | None, async_checkpointing: bool = True):
-    """The rotating training checkpoints of MODEL_DIR (keeps the last `keep`; None keeps all)."""
+def checkpoint_manager(model_dir: pathlib.Path, keep: int | None, async_checkpointing: bool = True,
+                       keep_steps: tuple[int, ...] = ()):
+    """The rotating training checkpoints of MODEL_DIR (keeps the last `keep`; None keeps all), plus the steps in
+    `keep_steps` (TrainConfig.save_steps), which rotation never deletes."""
     import orbax.checkpoint as ocp
     from gqa_uptrain.checkpoint import TRAIN_CHECKPOINTS_DIR
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_checkpointing)
+    rotation: dict[str, Any] = {"max_to_keep": keep}
+    if keep_steps and keep is not None:
+        from orbax.checkpoint import checkpoint_managers as policies
+        rotation = {"preservation_policy": policies.AnyPreservationPolicy(
+            [policies.LatestN(keep), policies.CustomSteps(list(keep_steps))])}
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_checkpointing, **rotation)
     return ocp.CheckpointManager((pathlib.Path(model_dir) / TRAIN_CHECKPOINTS_DIR).absolute(), item_names=ITEMS,
                                  options=options)
 
@@ -47,10 +53,10 @@ class RunCheckpoints:
     """The training checkpoints of one run (and, with `keep_best`, its best-parameters checkpoint)."""
 
     def __init__(self, model_dir: pathlib.Path, keep: int | None, keep_best: bool = False,
-                 async_checkpointing: bool = True):
+                 async_checkpointing: bool = True, keep_steps: tuple[int, ...] = ()):
         self.model_dir = pathlib.Path(model_dir).absolute()
         self._closed = False
-        self.manager = checkpoint_manager(self.model_dir, keep, async_checkpointing)
+        self.manager = checkpoint_manager(self.model_dir, keep, async_checkpointing, keep_steps)
         self.best = None
         if keep_best:
             self.best = best_manager(self.model_dir, async_checkpointing)

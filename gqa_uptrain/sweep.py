@@ -13,6 +13,8 @@ Layout:
   ROOT/runs/<run_id>/eval_<split>.json  the same loss on each of SweepConfig.extra_eval_splits (e.g. a second
                                       held-out set)
   ROOT/runs/<run_id>/<stage>.log      each stage's output
+  ROOT/shared/kv<G>-<method>-s<seed>/ with share_alpha_runs: the one conversion and training the runs that differ
+                                      only in α are cut from (see "prefix mode" below, docs/sweep.md)
   ROOT/bench/kv<G>/decode_*.json      time per sample for each G (model shape only; shared by runs)
   ROOT/results.csv, results.md, *.png the aggregation
 
@@ -64,6 +66,10 @@ class SweepConfig:
     bench_args: tuple[str, ...] = ("--batch", "8", "--input-len", "256", "--output-len", "32")
     bench: bool = True  # False: no decode benchmarks (quality-only sweeps, quick tests)
     num_heads: int | None = None  # for labelling MHA/MQA; read from the source config when None
+    # Prefix mode: runs that differ only in α (> 0) share one conversion and one training to their largest α that
+    # saves a checkpoint at every α's step count; each α point is evaluated from its checkpoint (module docstring).
+    # Same results as separate runs (bitwise: tests/test_sweep_prefix.py), far fewer steps and process start-ups.
+    share_alpha_runs: bool = False
 
     def __post_init__(self) -> None:
         if not self.num_kv_heads or any(g <= 0 for g in self.num_kv_heads):
@@ -106,8 +112,9 @@ def _cli() -> list[str]:
 class Stage:
     """One CLI invocation with a completion marker and a log file."""
 
-    def __init__(self, name: str, argv: list[str], done: pathlib.Path, log: pathlib.Path):
+    def __init__(self, name: str, argv: list[str], done: pathlib.Path, log: pathlib.Path, owner: str | None = None):
         self.name, self.argv, self.done, self.log = name, argv, done, log
+        self.owner = owner  # the run this stage belongs to, when its chain serves several (prefix mode)
 
     def run(self, env: dict[str, str]) -> None:
         if self.done.exists():
@@ -123,30 +130,35 @@ class Stage:
         if not self.done.exists():  # stages whose output is a file mark themselves; others get a marker
             self.done.write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
 
+    def describe(self) -> str:
+        """The command, without the interpreter (what a dry run prints)."""
+        return " ".join(self.argv[2:])
 
-def run_stages(cfg: SweepConfig, root: pathlib.Path, run: Run, original_steps: int | None) -> list[Stage]:
-    d = root / "runs" / run.run_id
-    converted = d / "converted"
-    stages = [Stage("convert", _cli() + [
+
+def _convert_stage(cfg: SweepConfig, run: Run, converted: pathlib.Path, log: pathlib.Path) -> Stage:
+    return Stage("convert", _cli() + [
         "convert", "--source", cfg.source_checkpoint, "--num-kv-heads", str(run.kv_heads),
         "--method", run.method, "--seed", str(run.seed), "--output", str(converted), "--overwrite",
         *cfg.convert_args],
-        converted / "config.json", d / "convert.log")]
-    final = converted
-    if run.alpha > 0:
-        model_dir = d / "train"
-        bindings = [f"--gin.INITIAL_CHECKPOINT={converted}", f"--gin.MODEL_DIR={model_dir}",
-                    f"--gin.UPTRAIN_FRACTION={run.alpha}", f"--gin.SEED={run.seed}"]
-        if original_steps is not None:
-            bindings.append(f"--gin.ORIGINAL_STEPS={original_steps}")
-        stages.append(Stage("train", _cli() + [
-            # No model file: the trainer takes the architecture from the converted checkpoint.
-            "train", f"--gin_file={cfg.train_gin_file}", *bindings,
-            *cfg.train_bindings], d / "train.done", d / "train.log"))
-        final = model_dir
-    stages.append(Stage("eval", _cli() + [
+        converted / "config.json", log)
+
+
+def _train_argv(cfg: SweepConfig, converted: pathlib.Path, model_dir: pathlib.Path, seed: int,
+                original_steps: int | None, length: list[str]) -> list[str]:
+    bindings = [f"--gin.INITIAL_CHECKPOINT={converted}", f"--gin.MODEL_DIR={model_dir}", *length,
+                f"--gin.SEED={seed}"]
+    if original_steps is not None:
+        bindings.append(f"--gin.ORIGINAL_STEPS={original_steps}")
+    # No model file: the trainer takes the architecture from the converted checkpoint.
+    return _cli() + ["train", f"--gin_file={cfg.train_gin_file}", *bindings, *cfg.train_bindings]
+
+
+def eval_stages(cfg: SweepConfig, d: pathlib.Path, final: pathlib.Path) -> list[Stage]:
+    """The eval stages of the run directory `d` whose model is `final` (validation split, extra splits,
+    downstream task)."""
+    stages = [Stage("eval", _cli() + [
         "eval", "--checkpoint", str(final), "--task", cfg.eval_task, "--output", str(d / "eval.json"),
-        *cfg.eval_args], d / "eval.json", d / "eval.log"))
+        *cfg.eval_args], d / "eval.json", d / "eval.log")]
     for split in cfg.extra_eval_splits:
         stages.append(Stage(f"eval_{split}", _cli() + [
             "eval", "--checkpoint", str(final), "--task", cfg.eval_task, "--split", split,
@@ -157,6 +169,177 @@ def run_stages(cfg: SweepConfig, root: pathlib.Path, run: Run, original_steps: i
             "eval", "--checkpoint", str(final), "--task", cfg.downstream_task,
             "--output", str(d / "downstream.json"), *cfg.downstream_args],
             d / "downstream.json", d / "downstream.log"))
+    return stages
+
+
+def run_stages(cfg: SweepConfig, root: pathlib.Path, run: Run, original_steps: int | None) -> list[Stage]:
+    d = root / "runs" / run.run_id
+    converted = d / "converted"
+    stages = [_convert_stage(cfg, run, converted, d / "convert.log")]
+    final = converted
+    if run.alpha > 0:
+        model_dir = d / "train"
+        stages.append(Stage("train", _train_argv(cfg, converted, model_dir, run.seed, original_steps,
+                                                 [f"--gin.UPTRAIN_FRACTION={run.alpha}"]),
+                            d / "train.done", d / "train.log"))
+        final = model_dir
+    return stages + eval_stages(cfg, d, final)
+
+
+# ------------------------------------------------------------------------------------------------ prefix mode
+# With share_alpha_runs, the runs of one (G, method, seed) with α > 0 are cut from one training ("trunk"):
+#   ROOT/shared/kv<G>-<method>-s<seed>/converted/     its conversion (the command a run's convert stage runs)
+#   ROOT/shared/kv<G>-<method>-s<seed>/train/         TRAIN_STEPS = the largest step count still needed, with
+#                                                     SAVE_STEPS = every α's step count (kept past rotation)
+#   ROOT/shared/kv<G>-<method>-s<seed>/train-<K>.done  the trunk trained to step K
+# and each α point's run directory looks like a separately trained one: converted -> the trunk's conversion
+# (symlink), train/ a run directory holding only the trunk's checkpoint at round(α x original steps) (hard links),
+# trained_in.json (the trunk and the step), then the same eval stages reading runs/<run_id>/train.
+# Exact because the uptraining learning rate depends on the step only (continue_schedule: 1/sqrt(original + step)),
+# the data order and dropout on the seed only, and saving a checkpoint changes nothing; the α = 0 runs are
+# unchanged (convert, then evaluate the conversion).
+
+# Train bindings prefix mode refuses: they would make the run's length, or where it is written, not the sweep's.
+_LENGTH_BINDINGS = ("TRAIN_STEPS", "UPTRAIN_FRACTION", "SAVE_STEPS", "MODEL_DIR", "INITIAL_CHECKPOINT",
+                    "train_steps", "uptrain_fraction", "save_steps", "model_dir", "initial_checkpoint")
+TRAINED_IN = "trained_in.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Trunk:
+    """One shared training and the α points (runs) cut from it."""
+
+    kv_heads: int
+    method: str
+    seed: int
+    points: tuple[tuple[Run, int], ...]  # (run, its step count), in step order
+
+    @property
+    def name(self) -> str:
+        return f"kv{self.kv_heads}-{self.method}-s{self.seed}"
+
+
+def check_share_alpha_runs(cfg: SweepConfig, launcher: str) -> None:
+    """ValueError (one line) when prefix mode cannot give what separate runs give."""
+    if launcher != "local":
+        raise ValueError("SweepConfig.share_alpha_runs needs --launcher local (the α points are cut from the shared "
+                         "run in-process, which is no SLURM job); set SweepConfig.share_alpha_runs = False")
+    for b in cfg.train_bindings:
+        name = b.split("=", 1)[0].lstrip("-").removeprefix("gin.")
+        if name.split(".")[-1] in _LENGTH_BINDINGS:
+            raise ValueError(f"SweepConfig.share_alpha_runs: train binding {b!r} sets the run's length or "
+                             "directories, which prefix mode decides; remove it or share_alpha_runs = False")
+
+
+def trunks(runs: Sequence[Run], original_steps: int) -> list[Trunk]:
+    """The shared trainings of the runs with α > 0, one per (G, method, seed)."""
+    from gqa_uptrain.train_state import uptrain_steps  # the trainer's own rounding of α x original steps
+    groups: dict[tuple[int, str, int], list[tuple[Run, int]]] = {}
+    for r in runs:
+        if r.alpha > 0:
+            groups.setdefault((r.kv_heads, r.method, r.seed), []).append((r, uptrain_steps(r.alpha, original_steps)))
+    return [Trunk(g, m, s, tuple(sorted(pts, key=lambda p: (p[1], p[0].alpha)))) for (g, m, s), pts in groups.items()]
+
+
+def trunk_done_marker(d: pathlib.Path, steps: int) -> pathlib.Path:
+    """The marker of a trunk trained to at least `steps` (an existing longer one, else the one to write)."""
+    done = [int(p.name[len("train-"):-len(".done")]) for p in d.glob("train-*.done")
+            if p.name[len("train-"):-len(".done")].isdigit()]
+    return d / f"train-{max([k for k in done if k >= steps], default=steps)}.done"
+
+
+class KeepStage(Stage):
+    """Makes runs/<run_id>/ of one α point from step `step` of the trunk (in-process, no CLI command)."""
+
+    def __init__(self, trunk_dir: pathlib.Path, d: pathlib.Path, run: Run, step: int, trunk_steps: int):
+        super().__init__("keep", [], d / "train.done", d / "keep.log", owner=run.run_id)
+        self.trunk_dir, self.d, self.run_, self.step, self.trunk_steps = trunk_dir, d, run, step, trunk_steps
+
+    def describe(self) -> str:
+        return f"keep step {self.step} of {self.trunk_dir / 'train'} as {self.d / 'train'}"
+
+    def run(self, env: dict[str, str]) -> None:
+        if self.done.exists():
+            return
+        keep_checkpoint(self.trunk_dir, self.d, self.run_, self.step, self.trunk_steps)
+
+
+def _link_tree(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """Copy a directory tree as hard links (no space, and orbax never rewrites a saved step); plain copies where
+    the file system cannot link."""
+    import shutil
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link)
+
+
+def keep_checkpoint(trunk_dir: pathlib.Path, d: pathlib.Path, run: Run, step: int, trunk_steps: int) -> None:
+    """runs/<run_id>/{converted, train/, trained_in.json, train.done} for the α point `run` from the trunk's
+    checkpoint at `step`: train/ is a run directory holding that step only, so `eval --checkpoint`, `train
+    --gin.INITIAL_CHECKPOINT` and reuse read it as they read a separately trained run. Written under a temporary
+    name and renamed; train.done last, so an interrupted call is redone whole."""
+    import shutil
+
+    from gqa_uptrain.checkpoint import TRAIN_CHECKPOINTS_DIR
+    from gqa_uptrain.train_state import TRAIN_CONFIG_FILE
+    src = trunk_dir / "train"
+    ckpt = src / TRAIN_CHECKPOINTS_DIR / str(step)
+    if not ckpt.is_dir():
+        raise RuntimeError(f"{ckpt} is missing: the shared run {src} did not keep step {step} (delete {trunk_dir} "
+                           "to train it again)")
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in (d / "train.partial", d / "train"):
+        if stale.is_symlink():
+            stale.unlink()
+        elif stale.exists():
+            shutil.rmtree(stale)
+    tmp = d / "train.partial"
+    (tmp / TRAIN_CHECKPOINTS_DIR).mkdir(parents=True)
+    for f in ("config.json", "model.gin"):
+        shutil.copyfile(src / f, tmp / f)
+    trained_in = {"model_dir": str(src), "step": step, "train_steps": trunk_steps}
+    # What this directory's own training would have recorded, and where its parameters were really trained.
+    tc = json.loads((src / TRAIN_CONFIG_FILE).read_text())
+    tc.update(model_dir=str(d / "train"), uptrain_fraction=run.alpha, train_steps=None, save_steps=[],
+              resolved_train_steps=step, trained_in=trained_in)
+    (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(tc, indent=2, sort_keys=True) + "\n")
+    _link_tree(ckpt, tmp / TRAIN_CHECKPOINTS_DIR / str(step))
+    tmp.rename(d / "train")
+    if not (d / "converted").exists():
+        if (d / "converted").is_symlink():
+            (d / "converted").unlink()
+        (d / "converted").symlink_to(trunk_dir / "converted", target_is_directory=True)
+    (d / TRAINED_IN).write_text(json.dumps(trained_in) + "\n")
+    (d / "train.done").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + f" step {step} of {src}\n")
+
+
+def trunk_stages(cfg: SweepConfig, root: pathlib.Path, trunk: Trunk, original_steps: int,
+                 finished: set[str]) -> list[Stage]:
+    """The chain of one trunk: convert and train to the largest step a point not in `finished` (done here or
+    reused) needs, saving every point's step; then each point's keep and eval stages."""
+    td = root / "shared" / trunk.name
+    todo = [k for r, k in trunk.points if r.run_id not in finished]
+    stages: list[Stage] = []
+    if todo:
+        steps = max(todo)
+        keep = sorted({k for _, k in trunk.points if k <= steps})
+        first = trunk.points[0][0]
+        stages += [_convert_stage(cfg, first, td / "converted", td / "convert.log"),
+                   Stage("train", _train_argv(cfg, td / "converted", td / "train", trunk.seed, original_steps,
+                                              [f"--gin.TRAIN_STEPS={steps}",
+                                               f"--gin.SAVE_STEPS=({', '.join(map(str, keep))},)"]),
+                         trunk_done_marker(td, steps), td / "train.log")]
+    for r, k in trunk.points:
+        d = root / "runs" / r.run_id
+        if r.run_id not in finished:
+            stages.append(KeepStage(td, d, r, k, max(todo)))
+        for s in eval_stages(cfg, d, d / "train"):
+            s.owner = r.run_id
+            stages.append(s)
     return stages
 
 
@@ -188,12 +371,18 @@ def _source_info(path: str) -> tuple[int, int | None]:
     return cfg.num_heads, (int(step) if step is not None else None)
 
 
-def sweep_jobs(cfg: SweepConfig, root: pathlib.Path, runs: Sequence[Run], original_steps: int | None
-               ) -> list[tuple[str, list[Stage]]]:
-    """The sweep's independent chains of stages: one decode benchmark per G, then one chain per run."""
+def sweep_jobs(cfg: SweepConfig, root: pathlib.Path, runs: Sequence[Run], original_steps: int | None,
+               reused: Sequence[str] = ()) -> list[tuple[str, list[Stage]]]:
+    """The sweep's independent chains of stages: one decode benchmark per G, then one chain per run (with
+    share_alpha_runs: per α = 0 run, and one per trunk for the others). `reused`: run ids --reuse links."""
     jobs: list[tuple[str, list[Stage]]] = [(f"bench-kv{g}", [bench_stage(cfg, root, g)])
                                            for g in (cfg.num_kv_heads if cfg.bench else ())]
-    return jobs + [(r.run_id, run_stages(cfg, root, r, original_steps)) for r in runs]
+    if not cfg.share_alpha_runs:
+        return jobs + [(r.run_id, run_stages(cfg, root, r, original_steps)) for r in runs]
+    jobs += [(r.run_id, run_stages(cfg, root, r, original_steps)) for r in runs if r.alpha == 0]
+    finished = {r.run_id for r in runs if r.run_id in reused or _model_done(root / "runs" / r.run_id, r)}
+    return jobs + [(f"shared-{t.name}", trunk_stages(cfg, root, t, original_steps, finished))
+                   for t in trunks(runs, original_steps)]
 
 
 def model_key(cfg: SweepConfig, run: Run, original_steps: int | None) -> str:
@@ -300,16 +489,18 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
     original_steps = cfg.original_steps if cfg.original_steps is not None else meta_steps
     if original_steps is None and any(a > 0 for a in cfg.alphas):
         raise ValueError(f"cannot size uptraining: set original_steps; {cfg.source_checkpoint} records no step")
+    if cfg.share_alpha_runs:
+        check_share_alpha_runs(cfg, launcher)
     runs = expand_grid(cfg, num_heads)
     spec = {"config": dataclasses.asdict(cfg), "num_heads": num_heads, "original_steps": original_steps}
     spec_path = root / "sweep.json"
     if spec_path.exists():
         old_cfg, old = _read_spec(root)  # read through SweepConfig: fields added since it was written get defaults
         old = {**old, "config": dataclasses.asdict(old_cfg)}
-        if json.loads(json.dumps(old)) != json.loads(json.dumps(spec)):
+        if _identity(old) != _identity(spec):
             raise ValueError(f"{root} holds a different sweep (see {spec_path}); use another directory")
     plan = plan_reuse(cfg, root, runs, original_steps, reuse)
-    jobs = sweep_jobs(cfg, root, runs, original_steps)
+    jobs = sweep_jobs(cfg, root, runs, original_steps, reused=list(plan))
     if not dry_run or launcher == "slurm":  # a SLURM dry run writes its job scripts (and nothing else)
         root.mkdir(parents=True, exist_ok=True)
     if not dry_run:
@@ -325,17 +516,21 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
     if launcher != "local":
         raise ValueError(f"unknown launcher {launcher!r}: expected local or slurm")
     n_bench = len(cfg.num_kv_heads) if cfg.bench else 0
-    log(f"sweep {root}: {len(runs)} runs, {n_bench} decode benchmarks, {parallel} at a time")
+    shared = sum(name.startswith("shared-") for name, _ in jobs)
+    log(f"sweep {root}: {len(runs)} runs{f' ({shared} shared trainings)' if shared else ''}, {n_bench} decode "
+        f"benchmarks, {parallel} at a time")
     env = dict(os.environ)
     if dry_run:
         for name, stages in jobs:
-            if name in plan:
-                od, files = plan[name]
-                log(f"[{name}] reuse: {od} (model{''.join(', ' + f for f in files)})")
+            for owner in dict.fromkeys(s.owner or name for s in stages):
+                if owner in plan:
+                    od, files = plan[owner]
+                    log(f"[{owner}] reuse: {od} (model{''.join(', ' + f for f in files)})")
             for s in stages:
-                done = s.done.exists() or (name in plan and (s.name in ("convert", "train", "bench") or
-                                                             s.done.name in plan[name][1]))
-                log(f"[{name}] {'done' if done else 'todo'}: {' '.join(s.argv[2:])}")
+                owner = s.owner or name
+                done = s.done.exists() or (owner in plan and (s.name in ("convert", "train", "bench", "keep") or
+                                                              s.done.name in plan[owner][1]))
+                log(f"[{owner}] {'done' if done else 'todo'}: {s.describe()}")
         return []
     failures: list[str] = []
 
@@ -345,7 +540,7 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
         for s in stages:
             if s.done.exists():
                 continue
-            log(f"[{name}] {s.name} ...")
+            log(f"[{name}] {s.name}{' ' + s.owner if s.owner else ''} ...")
             s.run(env)
         log(f"[{name}] complete ({time.time() - t0:.0f}s)")
 
@@ -365,6 +560,14 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
     return rows
 
 
+def _identity(spec: dict[str, Any]) -> Any:
+    """What makes two sweep.json files the same sweep: everything but share_alpha_runs, which changes how the runs
+    are trained, not what they are (a root may be finished with or without it)."""
+    spec = json.loads(json.dumps(spec))
+    spec["config"].pop("share_alpha_runs", None)
+    return spec
+
+
 # ------------------------------------------------------------------------------------------- SLURM launcher
 # Each chain (a run's convert -> train -> eval -> downstream, or one benchmark) becomes SLURM jobs chained with
 # afterok; the job scripts, job ids and logs sit next to the stage logs (gqa_uptrain/launch.py).
@@ -374,6 +577,9 @@ def jobs_of(root: str | os.PathLike) -> list[tuple[str, list[Stage]]]:
     """The chains of an existing sweep directory, from its sweep.json."""
     root = pathlib.Path(root).absolute()
     cfg, spec = _read_spec(root)
+    if cfg.share_alpha_runs:
+        raise ValueError(f"{root} is a share_alpha_runs sweep, which runs with the local launcher only: it has no "
+                         "SLURM jobs (re-run it locally to continue it)")
     return sweep_jobs(cfg, root, expand_grid(cfg, spec["num_heads"]), spec["original_steps"])
 
 

@@ -98,6 +98,9 @@ class TrainConfig:
     # Checkpoints.
     save_every: int = 1000
     keep_checkpoints: int | None = 3
+    # Extra steps to save and keep whatever KEEP_CHECKPOINTS says (e.g. the α points of one uptraining run that a
+    # sweep evaluates, gqa_uptrain/sweep.py); positive and <= the run's length. Saving changes no parameter.
+    save_steps: tuple[int, ...] = ()
     keep_best: bool = False  # also keep the parameters with the lowest eval loss in MODEL_DIR/best (needs eval)
     async_checkpointing: bool = True
     # Also save each process's tf.data iterator state, so a resumed run restores it instead of recomputing every
@@ -140,6 +143,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.loss_normalizing_factor must be a number, None or "
                              f"{NUM_REAL_TARGET_TOKENS!r}, got {lnf!r}")
         check_remat_policy(self.remat_policy)
+        steps = self.save_steps
+        if isinstance(steps, int) or not all(isinstance(x, int) and not isinstance(x, bool) for x in steps):
+            raise ValueError(f"TrainConfig.save_steps (SAVE_STEPS) must be a tuple of step numbers, got {steps!r}")
+        object.__setattr__(self, "save_steps", tuple(sorted(set(steps))))
+        if self.train_steps is not None:
+            train_state.check_save_steps(self.save_steps, self.train_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -417,7 +426,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, *, devices: list | None =
         return {k: jax.make_array_from_process_local_data(batch_sharding, v, (cfg.batch_size, v.shape[1]))
                 for k, v in local.items()}
 
-    ckpts = RunCheckpoints(model_dir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing)
+    ckpts = RunCheckpoints(model_dir, cfg.keep_checkpoints, cfg.keep_best, cfg.async_checkpointing,
+                           cfg.save_steps)
     try:
         state = train_state.initialise(model_config, cfg, mesh, rules, nn.meta.unbox(boxed), param_sh, ckpts,
                                        data, primary)

@@ -85,6 +85,19 @@ def recorded_source_step(directory: str) -> int | None:
     return manifest.pretrain_step if manifest else None
 
 
+def check_save_steps(save_steps: tuple[int, ...], train_steps: int) -> None:
+    """ValueError naming the first of SAVE_STEPS outside 1..train_steps (the run's resolved length)."""
+    bad = [s for s in save_steps if not 1 <= s <= train_steps]
+    if bad:
+        raise ValueError(f"TrainConfig.save_steps (SAVE_STEPS) must be steps in 1..{train_steps} (the run's length), "
+                         f"got {bad[0]}")
+
+
+def uptrain_steps(fraction: float, original_steps: int) -> int:
+    """The length of a run with UPTRAIN_FRACTION = fraction of ORIGINAL_STEPS (at least one step)."""
+    return max(1, int(round(fraction * original_steps)))
+
+
 def resolve_length(cfg: "TrainConfig", source_manifest: Manifest | None) -> tuple[int, int | None]:
     """(train_steps, original_steps): explicit TRAIN_STEPS wins; else round(alpha * original_steps), with
     ORIGINAL_STEPS or else the pre-training step INITIAL_CHECKPOINT's manifest records."""
@@ -94,7 +107,7 @@ def resolve_length(cfg: "TrainConfig", source_manifest: Manifest | None) -> tupl
     if original is None:
         raise ValueError("UPTRAIN_FRACTION needs the original pre-training steps: set ORIGINAL_STEPS, or use an "
                          "INITIAL_CHECKPOINT whose manifest.json records its source step")
-    return max(1, int(round(cfg.uptrain_fraction * original))), original
+    return uptrain_steps(cfg.uptrain_fraction, original), original
 
 
 def describe_run(cfg: "TrainConfig", train_steps: int, original_steps: int | None, mesh_shape: Mapping[str, int],
@@ -197,6 +210,7 @@ def initialise(model_config: ModelConfig, cfg: "TrainConfig", mesh: jax.sharding
             raise ValueError("continue_schedule needs ORIGINAL_STEPS or an INITIAL_CHECKPOINT recording its step")
         schedule_offset = int(original_steps) if cfg.continue_schedule else cfg.optimizer.step_offset
 
+    check_save_steps(cfg.save_steps, train_steps)
     opt_cfg = dataclasses.replace(cfg.optimizer, step_offset=schedule_offset)
     optimizer = make_optimizer(opt_cfg)
     opt_abstract, opt_sh = opt_state_shardings(optimizer, param_shardings, param_abstract, mesh,

@@ -237,7 +237,7 @@ class Trainer:
                 if is_log_step:
                     period_start = self._log(period_start, bar)
                 bar.update(1)
-                if self.step % cfg.save_every == 0 or last:
+                if self.step % cfg.save_every == 0 or last or self.step in cfg.save_steps:
                     self.save()
                 if self._eval_arrays and (self.step % cfg.eval_every == 0 or last):
                     rec = self.evaluate()

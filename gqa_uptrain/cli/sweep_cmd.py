@@ -16,6 +16,11 @@ Examples:
   gqa-uptrain sweep --gin_file=sweeps/repro_methods.gin --gin.SOURCE_CHECKPOINT=runs/mha --root runs/methods \
       --reuse runs/sweep      # runs identical to ones runs/sweep finished are linked, not recomputed
 
+SweepConfig.share_alpha_runs = True (configs/sweeps/repro_alpha.gin): runs that differ only in α share one
+conversion and one training to the largest α, with a checkpoint kept at every α's step (ROOT/shared/); each α point's
+run directory holds its checkpoint and is evaluated as a separate run would be: same rows, bitwise the same models
+(docs/sweep.md). Local launcher only.
+
 On a SLURM cluster (--launcher slurm) every stage becomes an sbatch job chained with --dependency=afterok; job
 scripts, ids and logs stay in the run directories. Resources: SlurmResources.* in a gin file, per stage scope
 (configs/slurm/gpu_example.gin). Re-running never resubmits done, queued or running stages.
