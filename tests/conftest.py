@@ -10,7 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the same tiny train/eval/decode programs many times over and, on CPU, compiling them is most of the suite's time.
 # A cached executable is the one XLA would compile again (the key is the HLO, the compile options, XLA flags and the
 # jaxlib version). The directory is new for each session (no state carried between runs) and removed at its end.
-# Set JAX_COMPILATION_CACHE_DIR yourself to choose (and keep) the directory, or to "" to compile everything afresh.
+# Set JAX_COMPILATION_CACHE_DIR yourself to choose (and keep) the directory; JAX_ENABLE_COMPILATION_CACHE=false turns
+# the cache off (every program compiled afresh, as before).
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gqa_uptrain_test_xla_cache_")
@@ -71,6 +72,19 @@ def aot():
     yield aot_lib
     jax.config.update("jax_enable_compilation_cache", enabled)
     compilation_cache.reset_cache()
+
+
+# Test files by serial time on the 2-core CI machine (2026-12-03, before the compilation cache), longest first. pytest
+# runs them in this order, then the rest in theirs; pyproject turns xdist's reordering (most tests first) off, so
+# `--dist loadfile` hands the long files out first and neither worker ends alone with one (test_slurm.py, with
+# 4 tests, used to be started last).
+_LONGEST_FIRST = ("test_slurm.py", "test_scan.py", "test_trainer.py", "test_train.py", "test_sharding.py",
+                  "test_safety.py", "test_carry.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 def pytest_unconfigure(config):
