@@ -179,14 +179,57 @@ def _compile(jitted: Any, args: tuple, mesh: jax.sharding.Mesh, chip: Chip) -> d
     """Lower and compile for the topology; `report` of the result, or `_oom_report` when it cannot fit."""
     import flax.linen as nn
     t0 = time.perf_counter()
+    lowered = None
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.DEFAULT_RULES), _quiet_stderr():
-            compiled = jitted.lower(*args).compile()
+            traced = jitted.trace(*args)
+            lowered = traced.lower()
+            t_lower = time.perf_counter() - t0
+            compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        if "RESOURCE_EXHAUSTED" not in str(e) or lowered is None:
             raise
-        return _oom_report(str(e), chip, time.perf_counter() - t0)
-    return report(compiled, chip, time.perf_counter() - t0)
+        out = _oom_report(str(e), chip, time.perf_counter() - t0)
+        out.update(lower_seconds=t_lower, hlo_ops={"lowered": hlo_op_count(lowered.as_text())})
+        return out
+    out = report(compiled, chip, time.perf_counter() - t0)
+    out["dot_flops_global"] = dot_flops(traced.jaxpr.jaxpr)
+    # Where a long compile's time goes (tracing + lowering in Python vs XLA), and the program's size: scanned
+    # layers should shrink both HLO counts by about the number of layers.
+    out.update(lower_seconds=t_lower, hlo_ops={"lowered": hlo_op_count(lowered.as_text()),
+                                               "compiled": hlo_op_count(compiled.as_text())})
+    return out
+
+
+def dot_flops(jaxpr: Any) -> float:
+    """FLOPs of the matrix products (dot_general: 2 x output size x contracted size) of a whole program, loops
+    counted as often as they run: a scan's body `length` times (the microbatch loop, scanned layers), remat's
+    recomputation where the backward pass has it, the larger branch of a cond. XLA's cost analysis counts a loop's
+    body once, so for scanned layers its FLOPs would be about one layer's; this count is global (all devices)."""
+    from jax.extend.core import jaxprs_in_params
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            k = math.prod(eqn.invars[0].aval.shape[i] for i in contract)
+            total += 2.0 * k * math.prod(eqn.outvars[0].aval.shape)
+            continue
+        subs = [dot_flops(getattr(j, "jaxpr", j)) for j in jaxprs_in_params(eqn.params)]
+        if not subs:
+            continue
+        if eqn.primitive.name == "cond":
+            total += max(subs)
+        else:
+            total += sum(subs) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+    return total
+
+
+_OP_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+(?::\d+)?\s=\s", re.M)
+
+
+def hlo_op_count(text: str) -> int:
+    """Operations with results in a StableHLO (lowered) or HLO (compiled) module's text: `%x = op(...)` lines."""
+    return len(_OP_LINE.findall(text))
 
 
 def compile_train(model_config: ModelConfig, train_cfg: Any, mesh: jax.sharding.Mesh, chip: Chip) -> dict[str, Any]:
