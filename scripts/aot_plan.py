@@ -230,6 +230,32 @@ def uptrain(args) -> None:
                     break
 
 
+def recost(args) -> None:
+    """Records written before aot.apply_loop_factor existed (no `dot_flops_global`): trace their step (no compile)
+    and scale XLA's raw cost by the loop factor, rewriting --out in place."""
+    from gqa_uptrain import aot
+    from gqa_uptrain.train import TrainConfig
+    out = pathlib.Path(args.out)
+    rows = _done(out)
+    for d in rows:
+        r = d["result"]
+        if "dot_flops_global" in r or r["flops_per_device"] is None:
+            continue
+        raw = r.pop("xla_cost_per_device", None) or {"flops": r["flops_per_device"],
+                                                     "bytes": r["bytes_accessed_per_device"]}
+        r.pop("cost_scaled_by_microbatches", None)
+        r["flops_per_device"], r["bytes_accessed_per_device"] = raw["flops"], raw["bytes"]
+        tc = TrainConfig(model_dir="unused", train_steps=1, batch_size=d["batch_size"],
+                         inputs_length=d["inputs_length"], targets_length=d["targets_length"],
+                         num_microbatches=d["num_microbatches"], remat_policy=d["remat_policy"])
+        cfg = t5_config(d["size"], d["groups"], scan=d["scan_layers"])
+        print(f"re-costing {d['size']} G={d['groups']} {d['topology']} m={d['num_microbatches']}", file=sys.stderr)
+        aot.apply_loop_factor(r, aot.trace_train(cfg, tc, aot.topology_mesh(d["topology"], d["mesh"])),
+                              aot.chip_for(d["topology"]))
+        r["recosted"] = True
+    out.write_text("".join(json.dumps(d) + "\n" for d in rows))
+
+
 def _chips(d: dict) -> int:
     return d["devices"]  # v4 / v5p: one megacore device per chip
 
@@ -295,12 +321,16 @@ def main(argv=None) -> int:
     u.add_argument("--targets_length", type=int, default=114)
     u.add_argument("--remat_policy", default="full")
     u.add_argument("--no_scan", action="store_true", help="unrolled layers (compile time grows with depth)")
+    u.add_argument("--recost", action="store_true", help="scale the cost of records in --out written before the "
+                   "loop factor (aot.apply_loop_factor) by tracing their step; no compile")
     args = p.parse_args(argv)
     if args.uptrain:
         args.inputs_length = args.inputs_length or 512  # the uptraining setting: 512 / 114
         args.out = args.out or UPTRAIN_OUT
         if args.table:
             print(uptrain_table(pathlib.Path(args.out)))
+        elif args.recost:
+            recost(args)
         else:
             uptrain(args)
         return 0
