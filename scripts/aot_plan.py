@@ -231,27 +231,28 @@ def uptrain(args) -> None:
 
 
 def recost(args) -> None:
-    """Records written before aot.apply_loop_factor existed (no `dot_flops_global`): trace their step (no compile)
-    and scale XLA's raw cost by the loop factor, rewriting --out in place."""
+    """Records written before the current aot.apply_loop_factor (no `dot_flops_per_device`): trace their step (no
+    compile) and scale XLA's raw cost by the loop factor, rewriting --out in place."""
     from gqa_uptrain import aot
     from gqa_uptrain.train import TrainConfig
     out = pathlib.Path(args.out)
     rows = _done(out)
     for d in rows:
         r = d["result"]
-        if "dot_flops_global" in r or r["flops_per_device"] is None:
+        if r["flops_per_device"] is None or "dot_flops_per_device" in r:
             continue
         raw = r.pop("xla_cost_per_device", None) or {"flops": r["flops_per_device"],
                                                      "bytes": r["bytes_accessed_per_device"]}
-        r.pop("cost_scaled_by_microbatches", None)
+        for k in ("cost_scaled_by_microbatches", "cost_loop_factor"):
+            r.pop(k, None)
         r["flops_per_device"], r["bytes_accessed_per_device"] = raw["flops"], raw["bytes"]
         tc = TrainConfig(model_dir="unused", train_steps=1, batch_size=d["batch_size"],
                          inputs_length=d["inputs_length"], targets_length=d["targets_length"],
                          num_microbatches=d["num_microbatches"], remat_policy=d["remat_policy"])
         cfg = t5_config(d["size"], d["groups"], scan=d["scan_layers"])
         print(f"re-costing {d['size']} G={d['groups']} {d['topology']} m={d['num_microbatches']}", file=sys.stderr)
-        aot.apply_loop_factor(r, aot.trace_train(cfg, tc, aot.topology_mesh(d["topology"], d["mesh"])),
-                              aot.chip_for(d["topology"]))
+        mesh = aot.topology_mesh(d["topology"], d["mesh"])
+        aot.apply_loop_factor(r, aot.trace_train(cfg, tc, mesh), aot.chip_for(d["topology"]), mesh.size)
         r["recosted"] = True
     out.write_text("".join(json.dumps(d) + "\n" for d in rows))
 
