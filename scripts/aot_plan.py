@@ -272,16 +272,21 @@ def uptrain_table(path: pathlib.Path) -> str:
     kind = lambda d: ("MQA" if d["groups"] == 1 else "MHA" if d["groups"] == d["num_heads"]  # noqa: E731
                       else f"GQA-{d['groups']}")
     roof = lambda r: "-" if r["roofline_seconds"] is None else f"{r['roofline_seconds']:.1f} ({r['roofline_bound']})"  # noqa: E731
+
+    def mm(d):  # the matmul FLOPs alone at the chip's peak: the compute side of the roofline
+        from gqa_uptrain.aot import CHIPS
+        f = d["result"].get("dot_flops_per_device")
+        return "-" if f is None else f"{f / CHIPS[gen(d)].peak_flops:.1f}"
     out = ["| model | attention | slice (chips) | mesh | microbatches | remat, scan | fits | GiB/chip (of HBM) | "
-           "margin GiB | temp GiB | roofline s/step | compile s (wall) | compile CPU s | peak RSS GiB | "
-           "host load (start, end; nice) |", "|---" * 15 + "|"]
+           "margin GiB | temp GiB | roofline s/step | matmuls s/step | compile s (wall) | compile CPU s | "
+           "peak RSS GiB | host load (start, end; nice) |", "|---" * 16 + "|"]
     for d in sorted(rows, key=lambda d: (d["size"], -d["groups"], gen(d), _chips(d), d["num_microbatches"])):
         r, mc = d["result"], d["machine"]
         b = r["per_device_bytes"]
         out.append(f"| {d['size'].upper()} | {kind(d)} | {d['topology']} ({_chips(d)}) | {d['mesh']} | "
                    f"{d['num_microbatches']} | {d['remat_policy']}, {'scan' if d['scan_layers'] else 'unrolled'} | "
                    f"{'yes' if r['fits'] else 'NO'} | {_gib(b['total'])} ({r['hbm_bytes'] / 2**30:.0f}) | "
-                   f"{_gib(r['margin_bytes'])} | {'-' if b['temp'] is None else _gib(b['temp'])} | {roof(r)} | "
+                   f"{_gib(r['margin_bytes'])} | {'-' if b['temp'] is None else _gib(b['temp'])} | {roof(r)} | {mm(d)} | "
                    f"{r['compile_seconds']:.0f} | {d.get('compile_cpu_seconds', '-')} | "
                    f"{_gib(d.get('peak_rss_bytes'))} | {mc['load_average_1min']}, "
                    f"{d.get('load_average_1min_end', '?')}; {mc.get('nice', '?')} |")
@@ -292,12 +297,12 @@ def uptrain_table(path: pathlib.Path) -> str:
             if key not in best or (_chips(d), d["num_microbatches"]) < (_chips(best[key]), best[key]["num_microbatches"]):
                 best[key] = d
     out += ["", "| model | attention | generation | smallest slice that fits (of those compiled) | mesh | microbatches "
-            "| GiB/chip (of HBM) | margin GiB | roofline s/step |", "|---" * 9 + "|"]
+            "| GiB/chip (of HBM) | margin GiB | roofline s/step | matmuls s/step |", "|---" * 10 + "|"]
     for (size, g, gn), d in sorted(best.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
         r = d["result"]
         out.append(f"| {size.upper()} | {kind(d)} | {gn} | {d['topology']} ({_chips(d)} chips) | {d['mesh']} | "
                    f"{d['num_microbatches']} | {_gib(r['per_device_bytes']['total'])} ({r['hbm_bytes'] / 2**30:.0f}) | "
-                   f"{_gib(r['margin_bytes'])} | {roof(r)} |")
+                   f"{_gib(r['margin_bytes'])} | {roof(r)} | {mm(d)} |")
     return "\n".join(out)
 
 
