@@ -15,7 +15,7 @@ a T5.1.1 size and G on each --topologies slice, with the microbatch counts of --
 one fits, and appends one line per compile to docs/bench/aot_uptrain.jsonl (with the machine, its load, the jax and
 libtpu versions and the compile seconds); `--uptrain --table` prints the table of docs/scaling.md from them:
 
-  JAX_PLATFORMS=cpu nice -n 19 python scripts/aot_plan.py --uptrain --size xxl --groups 8 \
+  JAX_PLATFORMS=cpu nice -n 5 python scripts/aot_plan.py --uptrain --size xxl --groups 8 \
       --topologies v4:2x2x4=data=1,fsdp=16,model=1 --microbatches 4,8
   python scripts/aot_plan.py --uptrain --table
 
