@@ -179,19 +179,100 @@ def _compile(jitted: Any, args: tuple, mesh: jax.sharding.Mesh, chip: Chip) -> d
     """Lower and compile for the topology; `report` of the result, or `_oom_report` when it cannot fit."""
     import flax.linen as nn
     t0 = time.perf_counter()
+    lowered = None
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.DEFAULT_RULES), _quiet_stderr():
-            compiled = jitted.lower(*args).compile()
+            traced = jitted.trace(*args)
+            lowered = traced.lower()
+            t_lower = time.perf_counter() - t0
+            compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        if "RESOURCE_EXHAUSTED" not in str(e) or lowered is None:
             raise
-        return _oom_report(str(e), chip, time.perf_counter() - t0)
-    return report(compiled, chip, time.perf_counter() - t0)
+        out = _oom_report(str(e), chip, time.perf_counter() - t0)
+        out.update(lower_seconds=t_lower, hlo_ops={"lowered": hlo_op_count(lowered.as_text())})
+        return out
+    out = report(compiled, chip, time.perf_counter() - t0)
+    apply_loop_factor(out, traced.jaxpr.jaxpr, chip, mesh.size)
+    # Where a long compile's time goes (tracing + lowering in Python vs XLA), and the program's size: scanned
+    # layers should shrink both HLO counts by about the number of layers.
+    out.update(lower_seconds=t_lower, hlo_ops={"lowered": hlo_op_count(lowered.as_text()),
+                                               "compiled": _compiled_op_count(compiled)})
+    return out
 
 
-def compile_train(model_config: ModelConfig, train_cfg: Any, mesh: jax.sharding.Mesh, chip: Chip) -> dict[str, Any]:
-    """Compile the trainer's step (train.jit_train_step) for `mesh`; returns `report`'s dict plus the expected
-    argument bytes (params + optimizer state + batch as sharded, summed per device)."""
+def _compiled_op_count(compiled: Any) -> int | None:
+    """hlo_op_count of the compiled module, or None where it cannot be printed: for the XXL train step on
+    v5p:2x2x1 libtpu 0.0.52 compiled it but `as_text()` failed ("async-update instruction should have 1 operands
+    but sees 3"), which must not lose the compile's memory report."""
+    try:
+        return hlo_op_count(compiled.as_text())
+    except jax.errors.JaxRuntimeError:
+        return None
+
+
+def dot_flops(jaxpr: Any, loops: bool = True) -> float:
+    """FLOPs of the matrix products (dot_general: 2 x output size x contracted size) of a whole program (all
+    devices). With `loops`, a scan's body counts `length` times (the microbatch loop, scanned layers), as it runs;
+    without, once, as XLA's cost analysis counts a loop. remat's recomputation counts where the backward pass has
+    it; a cond counts its larger branch."""
+    from jax.extend.core import jaxprs_in_params
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            k = math.prod(eqn.invars[0].aval.shape[i] for i in contract)
+            total += 2.0 * k * math.prod(eqn.outvars[0].aval.shape)
+            continue
+        subs = [dot_flops(getattr(j, "jaxpr", j), loops) for j in jaxprs_in_params(eqn.params)]
+        if not subs:
+            continue
+        if eqn.primitive.name == "cond":
+            total += max(subs)
+        else:
+            total += sum(subs) * (eqn.params["length"] if loops and eqn.primitive.name == "scan" else 1)
+    return total
+
+
+def apply_loop_factor(out: dict[str, Any], jaxpr: Any, chip: Chip, devices: int) -> None:
+    """XLA's cost analysis counts a while loop's body once (checked: a train step's FLOPs halve from 1 to 2
+    microbatches at the same batch, and with scanned layers they are about one layer's). Scale its FLOPs, bytes
+    and roofline by how much the program's matmul FLOPs grow when loops count as often as they run (the
+    jaxpr's dot_flops with and without loops: the number of microbatches for an unrolled model). The bytes of
+    a loop body are assumed to scale like its matmuls; the Adafactor update, outside the loops, is scaled too
+    (an overestimate of O(params) bytes against O(params * tokens) FLOPs). XLA's raw figures stay in
+    `xla_cost_per_device`.
+
+    FLOPs are then at least the matmul FLOPs split evenly over the devices (`dot_flops_global / devices`): for the
+    scanned XXL train step XLA's count scaled this way came to about half of the matmul FLOPs (nested loops: the
+    layer scans inside the microbatch loop), while the matmul count is exact."""
+    full, once = dot_flops(jaxpr), dot_flops(jaxpr, loops=False)
+    out["dot_flops_global"], out["dot_flops_per_device"] = full, full / devices
+    factor = full / once if once else 1.0
+    if out["flops_per_device"] is None:
+        return
+    if factor != 1.0:
+        out["xla_cost_per_device"] = {"flops": out["flops_per_device"], "bytes": out["bytes_accessed_per_device"]}
+        out["cost_loop_factor"] = factor
+        out["flops_per_device"] *= factor
+        out["bytes_accessed_per_device"] *= factor
+    out["flops_per_device"] = max(out["flops_per_device"], full / devices)
+    t_flops, t_bytes = out["flops_per_device"] / chip.peak_flops, out["bytes_accessed_per_device"] / chip.hbm_bytes_per_second
+    out["roofline_seconds"] = max(t_flops, t_bytes)
+    out["roofline_bound"] = "compute" if t_flops >= t_bytes else "memory"
+
+
+_OP_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+(?::\d+)?\s=\s", re.M)
+
+
+def hlo_op_count(text: str) -> int:
+    """Operations with results in a StableHLO (lowered) or HLO (compiled) module's text: `%x = op(...)` lines."""
+    return len(_OP_LINE.findall(text))
+
+
+def train_program(model_config: ModelConfig, train_cfg: Any, mesh: jax.sharding.Mesh) -> tuple[Any, tuple]:
+    """The trainer's jitted step (train.jit_train_step) and ShapeDtypeStructs of its arguments (params, optimizer
+    state, step, batch) with the trainer's shardings for `mesh`."""
     import flax.linen as nn
 
     from gqa_uptrain import train as train_lib
@@ -212,19 +293,24 @@ def compile_train(model_config: ModelConfig, train_cfg: Any, mesh: jax.sharding.
         features += ["encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions"]
     batch = {k: jax.ShapeDtypeStruct((train_cfg.batch_size, train_cfg.inputs_length if k.startswith("encoder")
                                       else train_cfg.targets_length), jnp.int32, sharding=batch_sh) for k in features}
-    args = (_with_shardings(param_shapes, param_sh), _with_shardings(opt_abstract, opt_sh),
-            jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), batch)
+    return step, (_with_shardings(param_shapes, param_sh), _with_shardings(opt_abstract, opt_sh),
+                  jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), batch)
+
+
+def trace_train(model_config: ModelConfig, train_cfg: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The train step's jaxpr for `mesh`, traced without compiling (for dot_flops / apply_loop_factor)."""
+    import flax.linen as nn
+    step, args = train_program(model_config, train_cfg, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.DEFAULT_RULES):
+        return step.trace(*args).jaxpr.jaxpr
+
+
+def compile_train(model_config: ModelConfig, train_cfg: Any, mesh: jax.sharding.Mesh, chip: Chip) -> dict[str, Any]:
+    """Compile the trainer's step (train.jit_train_step) for `mesh`; returns `report`'s dict (cost scaled by
+    apply_loop_factor) plus the expected argument bytes (params + optimizer state + batch as sharded, summed per
+    device)."""
+    step, args = train_program(model_config, train_cfg, mesh)
     out = _compile(step, args, mesh, chip)
-    m = train_cfg.num_microbatches
-    if m > 1 and out["flops_per_device"] is not None:
-        # XLA's cost analysis counts a loop body once: the microbatch scan's forward+backward would be reported
-        # for one microbatch (checked: FLOPs halve from 1 to 2 microbatches at the same batch). Scale by m; this
-        # also counts the Adafactor update m times, an overestimate of O(params) against O(params * tokens).
-        out["xla_cost_per_device"] = {"flops": out["flops_per_device"], "bytes": out["bytes_accessed_per_device"]}
-        out["flops_per_device"] *= m
-        out["bytes_accessed_per_device"] *= m
-        out["roofline_seconds"] *= m
-        out["cost_scaled_by_microbatches"] = m
     out["expected_argument_bytes"] = sharded_bytes(args, dict(mesh.shape))
     return out
 

@@ -15,7 +15,7 @@ a T5.1.1 size and G on each --topologies slice, with the microbatch counts of --
 one fits, and appends one line per compile to docs/bench/aot_uptrain.jsonl (with the machine, its load, the jax and
 libtpu versions and the compile seconds); `--uptrain --table` prints the table of docs/scaling.md from them:
 
-  JAX_PLATFORMS=cpu nice -n 19 python scripts/aot_plan.py --uptrain --size xxl --groups 8 \
+  JAX_PLATFORMS=cpu nice -n 5 python scripts/aot_plan.py --uptrain --size xxl --groups 8 \
       --topologies v4:2x2x4=data=1,fsdp=16,model=1 --microbatches 4,8
   python scripts/aot_plan.py --uptrain --table
 
@@ -148,14 +148,40 @@ def t5_config(size: str, groups: int, scan: bool = True):
 
 
 def machine() -> dict:
-    """What the compile ran on: CPU model, cores, load at the start, versions."""
+    """What the compile ran on: CPU model, cores, load at the start, this process's nice value, versions."""
     import importlib.metadata
     import os
     import platform
     cpu = next((l.split(":", 1)[1].strip() for l in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor()) if pathlib.Path("/proc/cpuinfo").exists() else ""
     return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 1),
-            "jax": importlib.metadata.version("jax"), "libtpu": importlib.metadata.version("libtpu")}
+            "nice": os.nice(0), "jax": importlib.metadata.version("jax"),
+            "libtpu": importlib.metadata.version("libtpu")}
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS (VmHWM) window for this process (Linux; a no-op elsewhere)."""
+    try:
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_bytes() -> int | None:
+    """Peak resident memory since the last _reset_peak_rss (VmHWM), or None off Linux."""
+    try:
+        line = next(l for l in pathlib.Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
+
+
+_KEY = ("size", "groups", "topology", "mesh", "batch_size", "inputs_length", "targets_length", "num_microbatches",
+        "remat_policy", "scan_layers")
+
+
+def _done(out: pathlib.Path) -> list[dict]:
+    return [json.loads(l) for l in out.read_text().splitlines() if l.strip()] if out.exists() else []
 
 
 def uptrain(args) -> None:
@@ -176,23 +202,67 @@ def uptrain(args) -> None:
                 rec = {"size": args.size, "groups": g, "num_heads": cfg.num_heads, "topology": topo, "mesh": mesh_spec, "devices": mesh.size,
                        "batch_size": args.batch_size, "inputs_length": args.inputs_length,
                        "targets_length": args.targets_length, "num_microbatches": m,
-                       "remat_policy": args.remat_policy, "scan_layers": cfg.scan_layers, "machine": machine()}
+                       "remat_policy": args.remat_policy, "scan_layers": cfg.scan_layers}
+                # Resumable: a configuration already in --out is not compiled again (and a fitting one ends the
+                # microbatch search for its slice).
+                prev = [d for d in _done(out) if all(d.get(k) == rec[k] for k in _KEY)]
+                if prev:
+                    print(f"{args.size} G={g} {topo} microbatches={m}: already in {out}", file=sys.stderr)
+                    if prev[-1]["result"]["fits"]:
+                        break
+                    continue
+                rec["machine"] = machine()
                 print(f"{args.size} G={g} {topo} {mesh_spec} microbatches={m} ...", file=sys.stderr, flush=True)
+                _reset_peak_rss()
                 cpu0 = time.process_time()
                 r = aot.compile_train(cfg, tc, mesh, chip)
                 # CPU seconds of this process: less dependent on the host's load than the wall-clock compile_seconds.
                 rec["compile_cpu_seconds"] = round(time.process_time() - cpu0, 1)
+                rec["peak_rss_bytes"] = _peak_rss_bytes()
+                rec["load_average_1min_end"] = round(__import__("os").getloadavg()[0], 1)
                 with out.open("a") as f:
                     f.write(json.dumps({**rec, "result": r}) + "\n")
                 total = r["per_device_bytes"]["total"]
                 print(f"  fits={r['fits']} total={'?' if total is None else f'{total / 2**30:.1f} GiB'} "
-                      f"compile {r['compile_seconds']:.0f} s", file=sys.stderr, flush=True)
+                      f"compile {r['compile_seconds']:.0f} s ({rec['compile_cpu_seconds']:.0f} CPU s)",
+                      file=sys.stderr, flush=True)
                 if r["fits"]:
                     break
 
 
+def recost(args) -> None:
+    """Records written before the current aot.apply_loop_factor (no `dot_flops_per_device`): trace their step (no
+    compile) and scale XLA's raw cost by the loop factor, rewriting --out in place."""
+    from gqa_uptrain import aot
+    from gqa_uptrain.train import TrainConfig
+    out = pathlib.Path(args.out)
+    rows = _done(out)
+    for d in rows:
+        r = d["result"]
+        if r["flops_per_device"] is None or "dot_flops_per_device" in r:
+            continue
+        raw = r.pop("xla_cost_per_device", None) or {"flops": r["flops_per_device"],
+                                                     "bytes": r["bytes_accessed_per_device"]}
+        for k in ("cost_scaled_by_microbatches", "cost_loop_factor"):
+            r.pop(k, None)
+        r["flops_per_device"], r["bytes_accessed_per_device"] = raw["flops"], raw["bytes"]
+        tc = TrainConfig(model_dir="unused", train_steps=1, batch_size=d["batch_size"],
+                         inputs_length=d["inputs_length"], targets_length=d["targets_length"],
+                         num_microbatches=d["num_microbatches"], remat_policy=d["remat_policy"])
+        cfg = t5_config(d["size"], d["groups"], scan=d["scan_layers"])
+        print(f"re-costing {d['size']} G={d['groups']} {d['topology']} m={d['num_microbatches']}", file=sys.stderr)
+        mesh = aot.topology_mesh(d["topology"], d["mesh"])
+        aot.apply_loop_factor(r, aot.trace_train(cfg, tc, mesh), aot.chip_for(d["topology"]), mesh.size)
+        r["recosted"] = True
+    out.write_text("".join(json.dumps(d) + "\n" for d in rows))
+
+
 def _chips(d: dict) -> int:
     return d["devices"]  # v4 / v5p: one megacore device per chip
+
+
+def _gib(x) -> str:
+    return "?" if x is None else f"{x / 2**30:.1f}"
 
 
 def uptrain_table(path: pathlib.Path) -> str:
@@ -201,30 +271,38 @@ def uptrain_table(path: pathlib.Path) -> str:
     gen = lambda d: d["topology"].split(":")[0]  # noqa: E731
     kind = lambda d: ("MQA" if d["groups"] == 1 else "MHA" if d["groups"] == d["num_heads"]  # noqa: E731
                       else f"GQA-{d['groups']}")
-    out = ["| model | attention | slice (chips) | mesh | microbatches | remat | scan | fits | GiB/chip (of HBM) | "
-           "temp GiB | roofline s/step | compile s (wall) | compile CPU s | host load |", "|---" * 14 + "|"]
+    roof = lambda r: "-" if r["roofline_seconds"] is None else f"{r['roofline_seconds']:.1f} ({r['roofline_bound']})"  # noqa: E731
+
+    def mm(d):  # the matmul FLOPs alone at the chip's peak: the compute side of the roofline
+        from gqa_uptrain.aot import CHIPS
+        f = d["result"].get("dot_flops_per_device")
+        return "-" if f is None else f"{f / CHIPS[gen(d)].peak_flops:.1f}"
+    out = ["| model | attention | slice (chips) | mesh | microbatches | remat, scan | fits | GiB/chip (of HBM) | "
+           "margin GiB | temp GiB | roofline s/step | matmuls s/step | compile s (wall) | compile CPU s | "
+           "peak RSS GiB | host load (start, end; nice) |", "|---" * 16 + "|"]
     for d in sorted(rows, key=lambda d: (d["size"], -d["groups"], gen(d), _chips(d), d["num_microbatches"])):
-        r = d["result"]
-        total, temp, roof = r["per_device_bytes"]["total"], r["per_device_bytes"]["temp"], r["roofline_seconds"]
+        r, mc = d["result"], d["machine"]
+        b = r["per_device_bytes"]
         out.append(f"| {d['size'].upper()} | {kind(d)} | {d['topology']} ({_chips(d)}) | {d['mesh']} | "
-                   f"{d['num_microbatches']} | {d['remat_policy']} | {'yes' if d['scan_layers'] else 'no'} | "
-                   f"{'yes' if r['fits'] else 'NO'} | "
-                   f"{'?' if total is None else f'{total / 2**30:.1f}'} ({r['hbm_bytes'] / 2**30:.0f}) | "
-                   f"{'-' if temp is None else f'{temp / 2**30:.1f}'} | "
-                   f"{'-' if roof is None else f'{roof:.1f}'} | "
+                   f"{d['num_microbatches']} | {d['remat_policy']}, {'scan' if d['scan_layers'] else 'unrolled'} | "
+                   f"{'yes' if r['fits'] else 'NO'} | {_gib(b['total'])} ({r['hbm_bytes'] / 2**30:.0f}) | "
+                   f"{_gib(r['margin_bytes'])} | {'-' if b['temp'] is None else _gib(b['temp'])} | {roof(r)} | {mm(d)} | "
                    f"{r['compile_seconds']:.0f} | {d.get('compile_cpu_seconds', '-')} | "
-                   f"{d['machine']['load_average_1min']} |")
+                   f"{_gib(d.get('peak_rss_bytes'))} | {mc['load_average_1min']}, "
+                   f"{d.get('load_average_1min_end', '?')}; {mc.get('nice', '?')} |")
     best: dict = {}
     for d in rows:
         if d["result"]["fits"]:
             key = (d["size"], d["groups"], gen(d))
-            if key not in best or _chips(d) < _chips(best[key]):
+            if key not in best or (_chips(d), d["num_microbatches"]) < (_chips(best[key]), best[key]["num_microbatches"]):
                 best[key] = d
-    out += ["", "| model | attention | generation | smallest slice that fits (of those compiled) | microbatches |",
-            "|---" * 5 + "|"]
+    out += ["", "| model | attention | generation | smallest slice that fits (of those compiled) | mesh | microbatches "
+            "| GiB/chip (of HBM) | margin GiB | roofline s/step | matmuls s/step |", "|---" * 10 + "|"]
     for (size, g, gn), d in sorted(best.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
-        out.append(f"| {size.upper()} | {kind(d)} | {gn} | {d['topology']} ({_chips(d)} chips) | "
-                   f"{d['num_microbatches']} |")
+        r = d["result"]
+        out.append(f"| {size.upper()} | {kind(d)} | {gn} | {d['topology']} ({_chips(d)} chips) | {d['mesh']} | "
+                   f"{d['num_microbatches']} | {_gib(r['per_device_bytes']['total'])} ({r['hbm_bytes'] / 2**30:.0f}) | "
+                   f"{_gib(r['margin_bytes'])} | {roof(r)} | {mm(d)} |")
     return "\n".join(out)
 
 
@@ -249,12 +327,16 @@ def main(argv=None) -> int:
     u.add_argument("--targets_length", type=int, default=114)
     u.add_argument("--remat_policy", default="full")
     u.add_argument("--no_scan", action="store_true", help="unrolled layers (compile time grows with depth)")
+    u.add_argument("--recost", action="store_true", help="scale the cost of records in --out written before the "
+                   "loop factor (aot.apply_loop_factor) by tracing their step; no compile")
     args = p.parse_args(argv)
     if args.uptrain:
         args.inputs_length = args.inputs_length or 512  # the uptraining setting: 512 / 114
         args.out = args.out or UPTRAIN_OUT
         if args.table:
             print(uptrain_table(pathlib.Path(args.out)))
+        elif args.recost:
+            recost(args)
         else:
             uptrain(args)
         return 0
