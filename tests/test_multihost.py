@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 
 def _worker(model_dir: str, coordinator: str, num_processes: int, process_id: int) -> None:

@@ -1,15 +1,11 @@
 """kill -9 mid-run (possibly during an async save), resume (restoring the saved tf.data iterator state), and end
 bitwise equal to an uninterrupted run."""
-import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
-import pytest
 
 STEPS = 8
 
