@@ -494,18 +494,24 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
     runs = expand_grid(cfg, num_heads)
     spec = {"config": dataclasses.asdict(cfg), "num_heads": num_heads, "original_steps": original_steps}
     spec_path = root / "sweep.json"
+    grown: list[str] = []
     if spec_path.exists():
         old_cfg, old = _read_spec(root)  # read through SweepConfig: fields added since it was written get defaults
         old = {**old, "config": dataclasses.asdict(old_cfg)}
         if _identity(old) != _identity(spec):
             raise ValueError(f"{root} holds a different sweep (see {spec_path}); use another directory")
+        grown = grid_growth(old_cfg, cfg, root)
     plan = plan_reuse(cfg, root, runs, original_steps, reuse)
     jobs = sweep_jobs(cfg, root, runs, original_steps, reused=list(plan))
     if not dry_run or launcher == "slurm":  # a SLURM dry run writes its job scripts (and nothing else)
         root.mkdir(parents=True, exist_ok=True)
     if not dry_run:
-        if not spec_path.exists():
-            spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+        if not spec_path.exists() or grown:
+            tmp = spec_path.with_name(spec_path.name + ".tmp")
+            tmp.write_text(json.dumps(spec, indent=2) + "\n")
+            tmp.replace(spec_path)
+        if grown:
+            log(f"sweep {root}: grid extended ({'; '.join(grown)})")
         apply_reuse(root, plan)
         if plan:
             log(f"sweep {root}: reused {len(plan)} finished runs/benchmarks from {', '.join(str(r) for r in reuse)}")
@@ -560,12 +566,42 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
     return rows
 
 
+# The axes of the grid. A root may grow along them (more G, methods, α or seeds); everything else is what each run
+# is, so it must match exactly.
+GRID_AXES = ("num_kv_heads", "methods", "alphas", "seeds")
+
+
 def _identity(spec: dict[str, Any]) -> Any:
-    """What makes two sweep.json files the same sweep: everything but share_alpha_runs, which changes how the runs
-    are trained, not what they are (a root may be finished with or without it)."""
+    """What makes two sweep.json files the same sweep: everything but the grid axes and share_alpha_runs, which
+    changes how the runs are trained, not what they are (a root may be finished with or without it)."""
     spec = json.loads(json.dumps(spec))
-    spec["config"].pop("share_alpha_runs", None)
+    for k in ("share_alpha_runs", *GRID_AXES):
+        spec["config"].pop(k, None)
     return spec
+
+
+def grid_growth(old: SweepConfig, new: SweepConfig, root: pathlib.Path) -> list[str]:
+    """How `new` extends the grid recorded in `root` ("num_kv_heads +4", ...; empty when equal). A run's directory
+    depends only on its grid point and the settings _identity compares, so adding points leaves finished runs
+    valid. Dropping points is refused: the root's results would silently lose rows."""
+    def values(vs) -> str:
+        return ", ".join(v if isinstance(v, str) else f"{v:g}" for v in vs)
+
+    grown, dropped = [], []
+    for axis in GRID_AXES:
+        before, after = getattr(old, axis), getattr(new, axis)
+        if set(before) - set(after):
+            dropped.append(f"{axis} {values(v for v in before if v not in after)}")
+        if set(after) - set(before):
+            grown.append(f"{axis} + {values(v for v in after if v not in before)}")
+    if dropped:
+        raise ValueError(f"{root} holds a larger grid: this sweep drops {'; '.join(dropped)} (a root's grid can "
+                         f"only grow; keep those values, or use another directory)")
+    if old.share_alpha_runs and new.share_alpha_runs and set(new.alphas) - set(old.alphas):
+        raise ValueError(f"{root} trains each model once for all its alphas (share_alpha_runs): new alphas "
+                         f"{sorted(set(new.alphas) - set(old.alphas))} would need checkpoints its shared runs did "
+                         f"not save; use another directory")
+    return grown
 
 
 # ------------------------------------------------------------------------------------------- SLURM launcher

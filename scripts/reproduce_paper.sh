@@ -7,7 +7,7 @@
 #              by < FLAT_NATS per 1000 steps over the next LENGTH_WINDOW steps; ORIGINAL_STEPS=N overrides) and
 #              copy that step to ROOT/mha_original
 #              (rsqrt schedule, 10k warm-up: constant LR, so step N of a long run = a run of length N)
-#   groups     KV groups {1, 2, 8} x α {0, 0.05, 0.1} x SEEDS, mean pooling (G = 8 is the MHA control)
+#   groups     KV groups {1, 2, 4, 8} x α {0, 0.05, 0.1} x SEEDS, mean pooling (G = 8 is the MHA control)
 #   methods    conversion methods {mean, first, random, align, svd} for MQA x α {0, 0.05} x SEEDS
 #   alpha      α ∈ {0, .0025, .005, .01, .02, .05, .1} x {mean, align, svd} x {MQA, GQA-2} + control, SEEDS
 #   finetune   MHA control, GQA-2 and MQA (mean, svd) uptrained at FT_ALPHA, fine-tuned on gqa_wordnet_gloss

@@ -197,3 +197,48 @@ def test_bench_false_plans_no_decode_benchmarks(tmp_path):
                     tmp_path / "sw", dry_run=True, log=lines.append)
     assert not any(ln.startswith("[bench-") for ln in lines) and "0 decode benchmarks" in lines[0]
     assert sum("gqa_uptrain convert" in ln for ln in lines) == 2
+
+
+def test_a_root_grid_can_grow_but_not_shrink(tmp_path, monkeypatch):
+    """More G / methods / α / seeds extend a finished root (only the new runs run; sweep.json records the larger
+    grid); dropping a grid value, or changing anything that defines the runs, is refused with one line."""
+    import dataclasses
+    src = _tiny_source(tmp_path)
+    small = SweepConfig(source_checkpoint=str(src), num_kv_heads=(1, 4), alphas=(0.0, 0.05), bench=False)
+    root = tmp_path / "sw"
+    root.mkdir()
+    (root / "sweep.json").write_text(json.dumps({"config": dataclasses.asdict(small), "num_heads": 4,
+                                                 "original_steps": 200}))
+    for run_id, trained in (("kv1-mean-a0-s0", False), ("kv4-mean-a0-s0", False), ("kv1-mean-a0.05-s0", True),
+                            ("kv4-mean-a0.05-s0", True)):
+        _finished_run(root, run_id, 3.0, trained)
+    big = dataclasses.replace(small, num_kv_heads=(1, 2, 4), seeds=(0, 1))
+    lines = []
+    sweep.run_sweep(big, root, dry_run=True, log=lines.append)
+    todo = {ln.split("]")[0][1:] for ln in lines if "todo:" in ln}
+    assert todo == {"kv2-mean-a0-s0", "kv2-mean-a0.05-s0", "kv1-mean-a0.05-s1", "kv2-mean-a0.05-s1",
+                    "kv4-mean-a0.05-s1"}  # α = 0 has one seed; G = H is the control, run once
+    assert json.loads((root / "sweep.json").read_text())["config"]["seeds"] == [0]  # a dry run writes nothing
+
+    ran = []
+    monkeypatch.setattr(Stage, "run", lambda self, env: ran.append(self.done.relative_to(root).parts[1]))
+    monkeypatch.setattr(sweep, "aggregate", lambda root, metric=None: [])
+    sweep.run_sweep(big, root, log=lines.append)
+    assert set(ran) == todo
+    assert any("grid extended (num_kv_heads + 2; seeds + 1)" in ln for ln in lines), lines
+    assert json.loads((root / "sweep.json").read_text())["config"]["num_kv_heads"] == [1, 2, 4]
+    sweep.run_sweep(big, root, dry_run=True, log=lines.append)  # the same grid again: accepted
+
+    with pytest.raises(ValueError, match=r"holds a larger grid: this sweep drops num_kv_heads 2; seeds 1"):
+        sweep.run_sweep(small, root, dry_run=True, log=lines.append)
+    with pytest.raises(ValueError, match="holds a different sweep"):
+        sweep.run_sweep(dataclasses.replace(big, train_bindings=("--gin.BATCH_SIZE=8",)), root, dry_run=True,
+                        log=lines.append)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    cfg = dataclasses.replace(small, share_alpha_runs=True)
+    (shared / "sweep.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "num_heads": 4,
+                                                   "original_steps": 200}))
+    with pytest.raises(ValueError, match=r"new alphas \[0.1\] would need checkpoints"):
+        sweep.run_sweep(dataclasses.replace(cfg, alphas=(0.0, 0.05, 0.1)), shared, dry_run=True, log=lines.append)
+    sweep.run_sweep(dataclasses.replace(cfg, seeds=(0, 1)), shared, dry_run=True, log=lines.append)

@@ -279,7 +279,7 @@ def test_train_checkpoint_resume_and_uptrain_init(tmp_path):
     np.testing.assert_allclose(lrs, [1 / math.sqrt(4), 1 / math.sqrt(5)], rtol=1e-6)
     # The first step's loss is the loss of the restored (step-5) parameters on the first batch.
     first = next(train_lib.train_batches(ucfg, 0))
-    sums = train_lib.make_eval_step(DATA_MODEL, ucfg)(load_params(run).params, first)
+    sums = jax.jit(train_lib.make_eval_step(DATA_MODEL, ucfg))(load_params(run).params, first)
     assert res3.metrics[0]["loss"] == pytest.approx(float(sums["cross_entropy"] / sums["weight"]), rel=1e-5)
 
 
