@@ -16,7 +16,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from reproduction_stages import (eval_curve, pick_length, saved_steps, slope_per_1k,  # noqa: E402
+from reproduction_stages import (eval_curve, finetune_sources, pick_length, saved_steps, slope_per_1k,  # noqa: E402
                                  uptrain_steps)
 
 from gqa_uptrain import sweep  # noqa: E402
@@ -557,9 +557,9 @@ def finetune_section(root: pathlib.Path, sweeps: dict[str, Sweep], ctx: Context,
             if "groups" in sweeps else {}
         return head + [not_run("fine-tuning", "finetune", "no ROOT/finetune/finetune.json", ctx, **env)]
     spec = json.loads((base / "finetune.json").read_text())
-    up_name = spec.get("uptrain_sweep", "alpha")  # older stages always used the alpha sweep
-    up_sweep = sweeps.get(up_name)
-    h = up_sweep.num_heads if up_sweep else next((sw.num_heads for sw in sweeps.values()), 8)
+    sources = finetune_sources(spec)
+    h = next((sweeps[s].num_heads for s in sources.values() if s in sweeps),
+             next((sw.num_heads for sw in sweeps.values()), 8))
     rows: dict[str, list[dict]] = {}
     for m in spec["models"]:
         for seed in spec["seeds"]:
@@ -579,15 +579,17 @@ def finetune_section(root: pathlib.Path, sweeps: dict[str, Sweep], ctx: Context,
                 "n": len(vals)}
     stats = {m: {k: ms([r[k] for r in rs if k in r]) for k in [*FT_METRICS, "wall_ms_per_example"]}
              for m, rs in rows.items()}
-    up = up_sweep.summary() if up_sweep else {}
 
     def key(m):  # "kv2-svd" -> the pre-training summary key at FT_ALPHA
         kv, meth = m.split("-")
         return int(kv[2:]), meth, spec["alpha"]
     label = {m: "MHA control" if key(m)[0] == h else f"{name(key(m)[0], h)} {key(m)[1]}" for m in rows}
+    summaries = {s: sweeps[s].summary() for s in set(sources.values()) if s in sweeps}
+    up = {key(m): summaries[sources[m]][key(m)] for m in rows
+          if sources.get(m) in summaries and key(m) in summaries[sources[m]]}
     bench_root = next((sw.root for sw in sweeps.values() if read_bench_any(sw.root)), None)
     L = head + [
-        f"Each model uptrained at α = {spec['alpha']:g} (runs of the `{up_name}` sweep) is fine-tuned "
+        f"Each model uptrained at α = {spec['alpha']:g} (runs of the {from_sweeps(sources, rows)}) is fine-tuned "
         f"{spec['steps']} steps on `gqa_wordnet_gloss` (configs/runs/finetune.gin: constant learning rate 1e-3, "
         f"dropout 0.1; batch {spec['batch']}, inputs 64 / targets 32) and scored on the first {spec['eval_examples']} "
         "validation examples with greedy decoding (ROUGE F-measure and BLEU, 0-100; mean ± sample std over seeds). "
@@ -637,6 +639,16 @@ def finetune_section(root: pathlib.Path, sweeps: dict[str, Sweep], ctx: Context,
     save(fig, assets / "finetune_rougeL.png", written)
     L.append("\n![fine-tuning ROUGE-L and BLEU](reproduction/finetune_rougeL.png)")
     return L
+
+
+def from_sweeps(sources: dict[str, str], models) -> str:
+    """"`groups` sweep" or "`groups` sweep (kv8-mean, kv2-mean) and `alpha` sweep (kv2-svd)"."""
+    by: dict[str, list[str]] = {}
+    for m in models:
+        by.setdefault(sources.get(m, "alpha"), []).append(m)
+    if len(by) == 1:
+        return f"`{next(iter(by))}` sweep"
+    return " and ".join(f"`{s}` sweep ({', '.join(ms)})" for s, ms in by.items())
 
 
 def read_bench_any(root: pathlib.Path) -> bool:

@@ -23,6 +23,7 @@ import pathlib
 import shutil
 import sys
 import time
+from typing import Any
 
 FLAT_NATS_PER_1K = 0.02
 WINDOW = 1000
@@ -232,15 +233,25 @@ def continued(root: pathlib.Path, original: pathlib.Path | None = None) -> dict:
 FT_MODELS = ("kv8-mean", "kv2-mean", "kv2-svd", "kv1-mean", "kv1-svd")
 
 
-def resolve_uptrain_sweep(root: pathlib.Path, requested: str) -> str:
-    """The sweep whose uptrained models are fine-tuned: `requested`, or for "auto" the one ROOT/finetune already
-    used, else alpha when ROOT/alpha is a sweep, else groups."""
+UPTRAIN_SWEEPS = ("alpha", "groups")  # where "auto" looks for an uptrained model, in this order
+
+
+def _uptrained(root: pathlib.Path, sweep_name: str, model: str, alpha: float, seeds: list[int]) -> bool:
+    return all((root / sweep_name / "runs" / f"{model}-a{alpha:g}-s{seed}" / "train.done").exists() for seed in seeds)
+
+
+def resolve_sources(root: pathlib.Path, models: list[str], seeds: list[int], alpha: float, requested: str,
+                    earlier: dict[str, str] | None = None) -> dict[str, str]:
+    """model -> the sweep under ROOT whose uptrained runs it is fine-tuned from: `requested` for every model, or
+    for "auto" the one an earlier call used for it (`earlier`: a resumed stage keeps its models), else the first of
+    alpha, groups that has finished it for every seed (the alpha sweep reuses the groups sweep's runs with the same
+    inputs, so a mean model is the same model in both), else alpha when ROOT/alpha is a sweep, else groups."""
     if requested != "auto":
-        return requested
-    spec = root / "finetune" / "finetune.json"
-    if spec.exists() and _finetune_started(root / "finetune"):
-        return json.loads(spec.read_text())["uptrain_sweep"]
-    return "alpha" if (root / "alpha" / "sweep.json").exists() else "groups"
+        return {m: requested for m in models}
+    earlier = earlier or {}
+    default = "alpha" if (root / "alpha" / "sweep.json").exists() else "groups"
+    return {m: earlier.get(m) or next((s for s in UPTRAIN_SWEEPS if _uptrained(root, s, m, alpha, seeds)), default)
+            for m in models}
 
 
 def _finetune_started(base: pathlib.Path) -> bool:
@@ -249,35 +260,55 @@ def _finetune_started(base: pathlib.Path) -> bool:
     return (base / "runs").is_dir() and any((base / "runs").iterdir())
 
 
+def finetune_sources(spec: dict[str, Any]) -> dict[str, str]:
+    """model -> uptraining sweep of a finetune.json (older ones name one `uptrain_sweep` for all, or none: alpha)."""
+    return spec.get("sources") or {m: spec.get("uptrain_sweep", "alpha") for m in spec.get("models", [])}
+
+
+def _check_growth(base: pathlib.Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """A started stage may gain models and seeds; its other settings, and the source of a model it already
+    fine-tuned, must not change (the finished runs would no longer be what the report says)."""
+    fixed = ("alpha", "steps", "batch", "eval_examples", "extra")
+    changed = [k for k in fixed if old.get(k) != new.get(k)]
+    dropped = [str(x) for k in ("models", "seeds") for x in old.get(k, []) if x not in new[k]]
+    moved = [f"{m} ({a} -> {new['sources'][m]})" for m, a in finetune_sources(old).items()
+             if m in new["sources"] and new["sources"][m] != a]
+    if changed or dropped or moved:
+        what = "; ".join([*(f"{k} {old.get(k)} -> {new.get(k)}" for k in changed),
+                          *([f"drops {', '.join(dropped)}"] if dropped else []),
+                          *([f"moves {', '.join(moved)}"] if moved else [])])
+        raise ValueError(f"{base} holds a fine-tuning stage with other settings ({what}; see "
+                         f"{base / 'finetune.json'}): it can only gain models and seeds; use another ROOT")
+
+
 def finetune(root: pathlib.Path, models: list[str], seeds: list[int], alpha: float, steps: int, batch: int,
              eval_examples: int, uptrain_sweep: str = "auto", extra: tuple[str, ...] = ()) -> None:
-    """Fine-tune each uptrained model ROOT/<uptrain_sweep>/runs/<model>-a<alpha>-s<seed>/train with
+    """Fine-tune each uptrained model ROOT/<sweep>/runs/<model>-a<alpha>-s<seed>/train with
     configs/runs/finetune.gin (constant LR 1e-3, dropout 0.1) and score it with greedy decoding on the
     gqa_wordnet_gloss validation split: ROOT/finetune/runs/<model>-s<seed>/{train/,eval.json,eval_seconds.json}.
-    Each stage is skipped once done (gqa_uptrain.sweep.Stage). uptrain_sweep "auto": the sweep an earlier call
-    recorded in ROOT/finetune/finetune.json, else alpha when that stage exists, else groups (the same models: the
-    alpha sweep reuses the groups sweep's runs with the same inputs)."""
+    Each stage is skipped once done (gqa_uptrain.sweep.Stage). The sweep of each model: see resolve_sources;
+    ROOT/finetune/finetune.json records it. A started stage can be re-run with more models or seeds."""
     from gqa_uptrain.sweep import Stage
     cli = [sys.executable, "-m", "gqa_uptrain"]
     base = root / "finetune"
-    uptrain_sweep = resolve_uptrain_sweep(root, uptrain_sweep)
-    missing = [f"{m}-a{alpha:g}-s{seed}" for m in models for seed in seeds
-               if not (root / uptrain_sweep / "runs" / f"{m}-a{alpha:g}-s{seed}" / "train.done").exists()]
-    if missing:  # checked before anything is written
-        raise FileNotFoundError(f"{root / uptrain_sweep / 'runs'} has no finished uptraining run "
-                                f"{', '.join(missing)}: run the {uptrain_sweep} stage first, or choose FT_MODELS / "
-                                f"FT_ALPHA from its grid")
-    base.mkdir(parents=True, exist_ok=True)
-    spec = {"models": models, "seeds": seeds, "alpha": alpha, "steps": steps, "batch": batch,
-            "eval_examples": eval_examples, "uptrain_sweep": uptrain_sweep, "extra": list(extra)}
     spec_path = base / "finetune.json"
-    if spec_path.exists() and json.loads(spec_path.read_text()) != spec and _finetune_started(base):
-        raise ValueError(f"{base} holds a fine-tuning stage with other settings (see {spec_path}); use another ROOT")
+    old = json.loads(spec_path.read_text()) if spec_path.exists() and _finetune_started(base) else None
+    sources = resolve_sources(root, models, seeds, alpha, uptrain_sweep, finetune_sources(old) if old else None)
+    missing = [f"{s}/runs/{m}-a{alpha:g}-s{seed}" for m, s in sources.items() for seed in seeds
+               if not _uptrained(root, s, m, alpha, [seed])]
+    if missing:  # checked before anything is written
+        raise FileNotFoundError(f"{root} has no finished uptraining run {', '.join(missing)}: run that stage "
+                                f"first, or choose FT_MODELS / FT_ALPHA from its grid")
+    spec = {"models": models, "seeds": seeds, "alpha": alpha, "steps": steps, "batch": batch,
+            "eval_examples": eval_examples, "sources": sources, "extra": list(extra)}
+    if old is not None:
+        _check_growth(base, old, spec)
+    base.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
     env = dict(os.environ)
     for model in models:
         for seed in seeds:
-            src = root / uptrain_sweep / "runs" / f"{model}-a{alpha:g}-s{seed}"
+            src = root / sources[model] / "runs" / f"{model}-a{alpha:g}-s{seed}"
             d = base / "runs" / f"{model}-s{seed}"
             train = Stage("finetune", cli + [
                 "train", "--gin_file=runs/finetune.gin", f"--gin.INITIAL_CHECKPOINT={src / 'train'}",
@@ -331,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--batch", type=int, default=16)
     f.add_argument("--eval_examples", type=int, default=200)
     f.add_argument("--uptrain_sweep", default="auto",
-                   help="sweep under ROOT whose uptrained runs are fine-tuned: alpha, groups, or auto (default: the "
-                        "one an earlier call used, else alpha when it exists, else groups)")
+                   help="sweep under ROOT whose uptrained runs are fine-tuned: alpha, groups, or auto (default: per "
+                        "model, the one an earlier call used, else the first of alpha, groups that finished it)")
     f.add_argument("--extra", action="append", default=[], help="more train flags (repeatable)")
     args = ap.parse_args(argv)
     if args.cmd == "machine":
@@ -353,8 +384,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     else:
-        finetune(args.root, [x for x in args.models.split(",") if x], _ints(args.seeds), args.alpha, args.steps,
-                 args.batch, args.eval_examples, args.uptrain_sweep, tuple(args.extra))
+        try:
+            finetune(args.root, [x for x in args.models.split(",") if x], _ints(args.seeds), args.alpha, args.steps,
+                     args.batch, args.eval_examples, args.uptrain_sweep, tuple(args.extra))
+        except (FileNotFoundError, ValueError) as e:  # missing models or a changed ROOT: one line
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -399,27 +399,61 @@ def test_continued_plan_is_the_sweeps_eval_command_at_saved_steps(tmp_path):
         stages.continued(root)
 
 
-def test_finetune_takes_the_groups_sweep_when_there_is_no_alpha_stage(tmp_path):
+def _uptrained_run(root: pathlib.Path, sweep_name: str, run_id: str) -> None:
+    d = root / sweep_name / "runs" / run_id
+    d.mkdir(parents=True)
+    (d / "train.done").write_text("")
+
+
+def test_finetune_sources_per_model_and_a_stage_that_grows(tmp_path, monkeypatch):
+    """Each model is fine-tuned from the sweep that finished it (alpha first, then groups); a resumed stage keeps
+    its models' sources and may gain models and seeds, but not change its settings."""
+    from gqa_uptrain.sweep import Stage
     root = tmp_path / "root"
     (root / "groups").mkdir(parents=True)
     (root / "groups" / "sweep.json").write_text("{}")
-    assert stages.resolve_uptrain_sweep(root, "auto") == "groups"
-    assert stages.resolve_uptrain_sweep(root, "alpha") == "alpha"
+    assert stages.resolve_sources(root, ["kv8-mean"], [0], 0.05, "auto") == {"kv8-mean": "groups"}
+    assert stages.resolve_sources(root, ["kv8-mean"], [0], 0.05, "alpha") == {"kv8-mean": "alpha"}
     (root / "alpha").mkdir()
     (root / "alpha" / "sweep.json").write_text("{}")
-    assert stages.resolve_uptrain_sweep(root, "auto") == "alpha"
-    (root / "finetune").mkdir()
-    (root / "finetune" / "finetune.json").write_text(json.dumps({"uptrain_sweep": "groups"}))
-    assert stages.resolve_uptrain_sweep(root, "auto") == "alpha"  # settings only, no run begun: not binding
-    (root / "finetune" / "runs" / "kv8-mean-s0").mkdir(parents=True)
-    assert stages.resolve_uptrain_sweep(root, "auto") == "groups"  # a resumed stage keeps its models
-    shutil.rmtree(root / "finetune")
-    done = root / "groups" / "runs" / "kv8-mean-a0.05-s0"
-    done.mkdir(parents=True)
-    (done / "train.done").write_text("")
-    with pytest.raises(FileNotFoundError, match=r"no finished uptraining run kv2-svd-a0.05-s0: run the groups"):
+    assert stages.resolve_sources(root, ["kv8-mean"], [0], 0.05, "auto") == {"kv8-mean": "alpha"}  # not run yet
+    _uptrained_run(root, "groups", "kv8-mean-a0.05-s0")
+    _uptrained_run(root, "alpha", "kv2-svd-a0.05-s0")
+    assert stages.resolve_sources(root, ["kv8-mean", "kv2-svd"], [0], 0.05, "auto") == {
+        "kv8-mean": "groups", "kv2-svd": "alpha"}
+    assert stages.resolve_sources(root, ["kv8-mean"], [0], 0.05, "auto", {"kv8-mean": "alpha"}) == {
+        "kv8-mean": "alpha"}  # an earlier call's choice stands
+    with pytest.raises(FileNotFoundError, match=r"no finished uptraining run groups/runs/kv2-svd-a0.05-s0: run"):
         stages.finetune(root, ["kv8-mean", "kv2-svd"], [0], 0.05, 2, 2, 4, uptrain_sweep="groups")
-    assert not (root / "finetune" / "finetune.json").exists()  # nothing written before the check
+    assert not (root / "finetune").exists()  # nothing written before the check
+
+    ran = []
+
+    def fake_run(self, env):
+        if self.done.exists():
+            return
+        self.done.parent.mkdir(parents=True, exist_ok=True)
+        self.done.write_text("{}")
+        ran.append(self.done.parent.name + "/" + self.done.name)
+    monkeypatch.setattr(Stage, "run", fake_run)
+    stages.finetune(root, ["kv8-mean"], [0], 0.05, 2, 2, 4)
+    assert ran == ["kv8-mean-s0/train.done", "kv8-mean-s0/eval.json"]
+    spec = json.loads((root / "finetune" / "finetune.json").read_text())
+    assert spec["sources"] == {"kv8-mean": "groups"}
+    # The alpha stage later finishes kv8-mean too: the stage keeps fine-tuning it from groups, and gains kv2-svd.
+    _uptrained_run(root, "alpha", "kv8-mean-a0.05-s0")
+    stages.finetune(root, ["kv8-mean", "kv2-svd"], [0], 0.05, 2, 2, 4)
+    assert ran[2:] == ["kv2-svd-s0/train.done", "kv2-svd-s0/eval.json"]
+    spec = json.loads((root / "finetune" / "finetune.json").read_text())
+    assert spec["sources"] == {"kv8-mean": "groups", "kv2-svd": "alpha"}
+    with pytest.raises(ValueError, match=r"other settings \(steps 2 -> 3\; see .*can only gain models and seeds"):
+        stages.finetune(root, ["kv8-mean", "kv2-svd"], [0], 0.05, 3, 2, 4)
+    with pytest.raises(ValueError, match=r"drops kv2-svd"):
+        stages.finetune(root, ["kv8-mean"], [0], 0.05, 2, 2, 4)
+    with pytest.raises(ValueError, match=r"moves kv8-mean \(groups -> alpha\)"):
+        stages.finetune(root, ["kv8-mean", "kv2-svd"], [0], 0.05, 2, 2, 4, uptrain_sweep="alpha")
+    # A finetune.json of an older version (one uptrain_sweep for all models) reads the same way.
+    assert stages.finetune_sources({"models": ["kv8-mean"], "uptrain_sweep": "groups"}) == {"kv8-mean": "groups"}
 
 
 def test_report_while_the_first_sweep_is_still_running(tmp_path):
