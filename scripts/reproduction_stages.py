@@ -233,7 +233,7 @@ def continued(root: pathlib.Path, original: pathlib.Path | None = None) -> dict:
 FT_MODELS = ("kv8-mean", "kv2-mean", "kv2-svd", "kv1-mean", "kv1-svd")
 
 
-UPTRAIN_SWEEPS = ("alpha", "groups")  # where "auto" looks for an uptrained model, in this order
+UPTRAIN_SWEEPS = ("alpha", "methods", "groups")  # where "auto" looks for an uptrained model, in this order
 
 
 def _uptrained(root: pathlib.Path, sweep_name: str, model: str, alpha: float, seeds: list[int]) -> bool:
@@ -244,7 +244,7 @@ def resolve_sources(root: pathlib.Path, models: list[str], seeds: list[int], alp
                     earlier: dict[str, str] | None = None) -> dict[str, str]:
     """model -> the sweep under ROOT whose uptrained runs it is fine-tuned from: `requested` for every model, or
     for "auto" the one an earlier call used for it (`earlier`: a resumed stage keeps its models), else the first of
-    alpha, groups that has finished it for every seed (the alpha sweep reuses the groups sweep's runs with the same
+    alpha, methods, groups that has finished it for every seed (the alpha sweep reuses the groups sweep's runs with the same
     inputs, so a mean model is the same model in both), else alpha when ROOT/alpha is a sweep, else groups."""
     if requested != "auto":
         return {m: requested for m in models}
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--eval_examples", type=int, default=200)
     f.add_argument("--uptrain_sweep", default="auto",
                    help="sweep under ROOT whose uptrained runs are fine-tuned: alpha, groups, or auto (default: per "
-                        "model, the one an earlier call used, else the first of alpha, groups that finished it)")
+                        "model, the one an earlier call used, else the first of alpha, methods, groups that finished it)")
     f.add_argument("--extra", action="append", default=[], help="more train flags (repeatable)")
     args = ap.parse_args(argv)
     if args.cmd == "machine":
