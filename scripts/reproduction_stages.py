@@ -243,9 +243,9 @@ def _uptrained(root: pathlib.Path, sweep_name: str, model: str, alpha: float, se
 def resolve_sources(root: pathlib.Path, models: list[str], seeds: list[int], alpha: float, requested: str,
                     earlier: dict[str, str] | None = None) -> dict[str, str]:
     """model -> the sweep under ROOT whose uptrained runs it is fine-tuned from: `requested` for every model, or
-    for "auto" the one an earlier call used for it (`earlier`: a resumed stage keeps its models), else the first of
-    alpha, methods, groups that has finished it for every seed (the alpha sweep reuses the groups sweep's runs with the same
-    inputs, so a mean model is the same model in both), else alpha when ROOT/alpha is a sweep, else groups."""
+    for "auto" the one an earlier call used for it (`earlier`: a resumed stage keeps its models), else the first
+    of alpha, methods, groups that has finished it for every seed (later sweeps reuse earlier sweeps' runs with the
+    same inputs, so a model is the same model in each), else alpha when ROOT/alpha is a sweep, else groups."""
     if requested != "auto":
         return {m: requested for m in models}
     earlier = earlier or {}
@@ -362,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--batch", type=int, default=16)
     f.add_argument("--eval_examples", type=int, default=200)
     f.add_argument("--uptrain_sweep", default="auto",
-                   help="sweep under ROOT whose uptrained runs are fine-tuned: alpha, groups, or auto (default: per "
-                        "model, the one an earlier call used, else the first of alpha, methods, groups that finished it)")
+                   help="sweep under ROOT whose uptrained runs are fine-tuned: alpha, methods, groups, or auto "
+                        "(default: per model, the one an earlier call used, else the first of alpha, methods, groups "
+                        "that finished it)")
     f.add_argument("--extra", action="append", default=[], help="more train flags (repeatable)")
     args = ap.parse_args(argv)
     if args.cmd == "machine":
