@@ -18,6 +18,15 @@ if _OWN_CACHE:
     os.environ["GQA_UPTRAIN_TEST_CACHE_OWNER"] = str(os.getpid())  # the process that removes it (the controller)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+# The tests' programs are tiny: compiling them costs far more than running them, and most of XLA:CPU's compile time
+# is LLVM optimising code that then runs for milliseconds. Level 0 roughly halves the CPU time of compile-bound test
+# files (tests/test_model_paths.py: 260 -> 147 CPU s, docs/bench/README.md) and changes no result a test checks: every
+# comparison is between programs compiled with the same flags, or against NumPy within a tolerance. The library and
+# its commands never set it. GQA_UPTRAIN_TEST_XLA_OPTIMIZE=1 keeps XLA's default optimisation.
+if os.environ.get("GQA_UPTRAIN_TEST_XLA_OPTIMIZE", "") != "1" and \
+        "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -40,7 +40,8 @@ def _free_port() -> int:
 
 def _launch(args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    # One device per process; other flags (conftest's compile level) stay.
+    env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
     return subprocess.Popen([sys.executable, __file__, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 

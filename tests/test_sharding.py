@@ -40,7 +40,8 @@ def _worker(root: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()  # keeps conftest's
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     p = subprocess.run([sys.executable, __file__, str(tmp_path_factory.mktemp("mesh"))], capture_output=True,
                        text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]

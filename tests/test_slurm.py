@@ -49,7 +49,8 @@ SMALL_RUN = ["--gin_file=runs/pretrain.gin", "--gin.BATCH_SIZE=4", "--gin.INPUTS
 def _env() -> dict[str, str]:
     # sbatch exports the submitter's environment to the job: the jobs import this checkout and run on CPU.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    env.pop("XLA_FLAGS", None)
+    # One device per process; other flags (conftest's compile level) stay.
+    env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
     return env
 
 
