@@ -374,7 +374,11 @@ def _source_info(path: str) -> tuple[int, int | None]:
 def sweep_jobs(cfg: SweepConfig, root: pathlib.Path, runs: Sequence[Run], original_steps: int | None,
                reused: Sequence[str] = ()) -> list[tuple[str, list[Stage]]]:
     """The sweep's independent chains of stages: one decode benchmark per G, then one chain per run (with
-    share_alpha_runs: per α = 0 run, and one per trunk for the others). `reused`: run ids --reuse links."""
+    share_alpha_runs: per α = 0 run, and one per trunk for the others). `reused`: run ids --reuse links.
+    Seed-major: every grid point's first seed runs before any second seed, so a sweep stopped early (or read while
+    it runs) has whole grids for its first seeds rather than every seed of its first few points."""
+    by_seed = {s: i for i, s in enumerate(cfg.seeds)}
+    runs = sorted(runs, key=lambda r: by_seed.get(r.seed, len(by_seed)))  # stable: grid order within a seed
     jobs: list[tuple[str, list[Stage]]] = [(f"bench-kv{g}", [bench_stage(cfg, root, g)])
                                            for g in (cfg.num_kv_heads if cfg.bench else ())]
     if not cfg.share_alpha_runs:

@@ -242,3 +242,19 @@ def test_a_root_grid_can_grow_but_not_shrink(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"new alphas \[0.1\] would need checkpoints"):
         sweep.run_sweep(dataclasses.replace(cfg, alphas=(0.0, 0.05, 0.1)), shared, dry_run=True, log=lines.append)
     sweep.run_sweep(dataclasses.replace(cfg, seeds=(0, 1)), shared, dry_run=True, log=lines.append)
+
+
+def test_jobs_run_seed_major(tmp_path):
+    """Every grid point's first seed before any second seed: a sweep stopped early has whole grids for its first
+    seeds. Separate runs and shared trainings alike."""
+    import dataclasses
+    src = _tiny_source(tmp_path)
+    cfg = SweepConfig(source_checkpoint=str(src), num_kv_heads=(1, 2), alphas=(0.0, 0.05), seeds=(0, 1),
+                      bench=False)
+    names = [name for name, _ in sweep.sweep_jobs(cfg, tmp_path / "sw", expand_grid(cfg, 4), 200)]
+    assert names == ["kv1-mean-a0-s0", "kv1-mean-a0.05-s0", "kv2-mean-a0-s0", "kv2-mean-a0.05-s0",
+                     "kv1-mean-a0.05-s1", "kv2-mean-a0.05-s1"]
+    shared = dataclasses.replace(cfg, alphas=(0.0, 0.02, 0.05), share_alpha_runs=True)
+    names = [name for name, _ in sweep.sweep_jobs(shared, tmp_path / "sh", expand_grid(shared, 4), 200)]
+    assert names == ["kv1-mean-a0-s0", "kv2-mean-a0-s0", "shared-kv1-mean-s0", "shared-kv2-mean-s0",
+                     "shared-kv1-mean-s1", "shared-kv2-mean-s1"]
