@@ -536,8 +536,27 @@ def other_seed_section(sweeps: list[Sweep], other_root: pathlib.Path) -> list[st
             pairs_of.append((sw.summary(VAL), o.summary(VAL), sw.num_heads, sw.name))
     seed = json.loads((other_root / "mha_original" / "train_config.json").read_text()).get("seed", "?") \
         if (other_root / "mha_original" / "train_config.json").exists() else "?"
-    return agreement_section(f"Another pre-training seed ({seed}, `{other_root}`)",
-                             "with the other original", pairs_of)
+    L = agreement_section(f"Another pre-training seed ({seed}, `{other_root}`)", "with the other original", pairs_of)
+    for sw in sweeps:
+        o = load_sweep(other_root, sw.name)
+        if not L or o is None:
+            continue
+        a, b = sw.summary(VAL), o.summary(VAL)
+        keys = [k for k in sorted(a, key=lambda k: (k[2], -k[0], k[1])) if k in b and k[0] != sw.num_heads]
+        if not keys:
+            continue
+        L += ["", f"`{sw.name}` sweep, validation split: gap to the MHA control at the same α (± summed seed "
+              "spreads), with this original and with the other; *same*: the two agree in sign, or both are within "
+              "their spreads.", "", "| model | method | α | gap, this original | gap, other original | same |",
+              "|---|---|---|---|---|---|"]
+        for k in keys:
+            ga, gb = gap(a, k, sw.num_heads), gap(b, k, o.num_heads)
+            if ga is None or gb is None:
+                continue
+            sign = [0 if abs(g["mean"]) <= g["spread"] else (1 if g["mean"] > 0 else -1) for g in (ga, gb)]
+            L.append(f"| {name(k[0], sw.num_heads)} | {k[1]} | {k[2]:g} | {fmt_gap(ga)} | {fmt_gap(gb)} | "
+                     f"{'yes' if sign[0] == sign[1] else 'no'} |")
+    return L
 
 
 FT_METRICS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU"}

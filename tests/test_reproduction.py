@@ -254,6 +254,12 @@ def test_report_checks_conclusions_against_another_pretraining_seed(tmp_path):
     sec = md.split("## Another pre-training seed (7")[1].split("##")[0]
     assert "14 have the same order with the other original" in sec
     assert "1 reverse beyond the spread: groups: MQA mean vs GQA-2 mean at α=0.05." in sec
+    groups = sec.split("`groups` sweep, validation split: gap to the MHA control")[1].split("`", 1)[0]
+    rows = [tuple(c.strip() for c in ln.strip("|").split("|")) for ln in groups.splitlines()
+            if ln[:3] in ("| G", "| M")]
+    assert [r[:3] for r in rows] == [("GQA-2", "mean", "0"), ("MQA", "mean", "0"), ("GQA-2", "mean", "0.05"),
+                                     ("MQA", "mean", "0.05")]
+    assert rows[2][3:] == ("+0.1000 ± 0.0141", "+0.4000 ± 0.0141", "yes")  # worse there, but the same sign
 
 
 def _subset_root(tmp_path):
