@@ -108,11 +108,15 @@ def gap(s: dict, key: tuple, h: int) -> dict | None:
     ctrl = s.get((h, "mean", key[2]))
     if key not in s or ctrl is None:
         return None
-    return {"mean": s[key]["mean"] - ctrl["mean"], "spread": s[key]["std"] + ctrl["std"]}
+    return {"mean": s[key]["mean"] - ctrl["mean"], "spread": s[key]["std"] + ctrl["std"],
+            "n": min(s[key]["n"], ctrl["n"])}
 
 
-def fmt_gap(g: dict | None) -> str:
-    return "–" if g is None else f"{g['mean']:+.4f} ± {g['spread']:.4f}"
+def fmt_gap(g: dict | None, n_full: int | None = None) -> str:
+    """'+0.0123 ± 0.0045', with '(n=k)' when fewer than n_full seeds are in (a sweep read while it runs)."""
+    if g is None:
+        return "–"
+    return f"{g['mean']:+.4f} ± {g['spread']:.4f}" + (f" (n={g['n']})" if n_full and g["n"] < n_full else "")
 
 
 def first_alpha_within(s: dict, kv: int, method: str, h: int, tol: float = TOL) -> float | None:
@@ -440,6 +444,7 @@ def alpha_section(al: Sweep, assets: pathlib.Path, written: list) -> list[str]:
     if not s:
         return started_not_finished(al, "## Part 2: how much uptraining does each method need?")
     alphas = sorted({k[2] for k in s})
+    n_full = len(al.cfg.seeds)  # α = 0 has one seed by design (deterministic)
     cells = sorted({(k[0], k[1]) for k in s if k[0] != h}, key=lambda c: (c[0], METHOD_ORDER.index(c[1])
                                                                             if c[1] in METHOD_ORDER else 99))
     L = ["", "## Part 2: how much uptraining does each method need? (validation split)", "",
@@ -451,7 +456,8 @@ def alpha_section(al: Sweep, assets: pathlib.Path, written: list) -> list[str]:
     for kv, meth in cells:
         a_ok = first_alpha_within(s, kv, meth, h)
         within[(kv, meth)] = a_ok
-        L.append(f"| {name(kv, h)} | {meth} | " + " | ".join(fmt_gap(gap(s, (kv, meth, a), h)) for a in alphas)
+        L.append(f"| {name(kv, h)} | {meth} | "
+                 + " | ".join(fmt_gap(gap(s, (kv, meth, a), h), n_full if a > 0 else None) for a in alphas)
                  + f" | {'never' if a_ok is None else f'{a_ok:g}'} |")
     L.append("")
     for kv in sorted({c[0] for c in cells}):
