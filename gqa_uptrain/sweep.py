@@ -511,9 +511,8 @@ def run_sweep(cfg: SweepConfig, root: str | os.PathLike, parallel: int = 1, dry_
         root.mkdir(parents=True, exist_ok=True)
     if not dry_run:
         if not spec_path.exists() or grown:
-            tmp = spec_path.with_name(spec_path.name + ".tmp")
-            tmp.write_text(json.dumps(spec, indent=2) + "\n")
-            tmp.replace(spec_path)
+            from gqa_uptrain.checkpoint import atomic_write_text
+            atomic_write_text(spec_path, json.dumps(spec, indent=2) + "\n")
         if grown:
             log(f"sweep {root}: grid extended ({'; '.join(grown)})")
         apply_reuse(root, plan)

@@ -535,18 +535,12 @@ def heldout_section(sweeps: list[Sweep]) -> list[str]:
 
 def other_seed_section(sweeps: list[Sweep], other_root: pathlib.Path) -> list[str]:
     """Do the conclusions survive a different pre-training seed (the same stages run under another ROOT)?"""
-    pairs_of = []
-    for sw in sweeps:
-        o = load_sweep(other_root, sw.name)
-        if o is not None:
-            pairs_of.append((sw.summary(VAL), o.summary(VAL), sw.num_heads, sw.name))
+    others = [(sw, o) for sw in sweeps if (o := load_sweep(other_root, sw.name)) is not None]
+    pairs_of = [(sw.summary(VAL), o.summary(VAL), sw.num_heads, sw.name) for sw, o in others]
     seed = json.loads((other_root / "mha_original" / "train_config.json").read_text()).get("seed", "?") \
         if (other_root / "mha_original" / "train_config.json").exists() else "?"
     L = agreement_section(f"Another pre-training seed ({seed}, `{other_root}`)", "with the other original", pairs_of)
-    for sw in sweeps:
-        o = load_sweep(other_root, sw.name)
-        if not L or o is None:
-            continue
+    for sw, o in others if L else []:
         a, b = sw.summary(VAL), o.summary(VAL)
         keys = [k for k in sorted(a, key=lambda k: (k[2], -k[0], k[1])) if k in b and k[0] != sw.num_heads]
         if not keys:
@@ -670,7 +664,7 @@ def from_sweeps(sources: dict[str, str], models) -> str:
     """"`groups` sweep" or "`groups` sweep (kv8-mean, kv2-mean) and `alpha` sweep (kv2-svd)"."""
     by: dict[str, list[str]] = {}
     for m in models:
-        by.setdefault(sources.get(m, "alpha"), []).append(m)
+        by.setdefault(sources[m], []).append(m)
     if len(by) == 1:
         return f"`{next(iter(by))}` sweep"
     return " and ".join(f"`{s}` sweep ({', '.join(ms)})" for s, ms in by.items())
